@@ -1,0 +1,29 @@
+"""`loraforge merge`: base + adapter folded into one plain Hugging Face model folder."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import LoraForgeError
+from .common import add_model_args, load_from_args
+
+log = logging.getLogger("loraforge")
+
+
+def register(p):
+    p.add_argument("--adapter", metavar="DIR", required=True, help="a LoRA adapter folder (PEFT format)")
+    p.add_argument("--out", metavar="DIR", required=True, help="where to write the merged model")
+    add_model_args(p)
+
+
+def run(args) -> int:
+    from ..adapters import adapter_kind, attach_adapter
+    from ..lora import save_merged
+
+    if adapter_kind(args.adapter) != "LORA":
+        raise LoraForgeError(f"{args.adapter}: only LoRA adapters can be merged into the weights")
+    model, tok = load_from_args(args)
+    name = attach_adapter(model, args.adapter)
+    out = save_merged(model, tok, args.out, name)
+    log.info("wrote merged model to %s (loads with transformers.AutoModelForCausalLM.from_pretrained)", out)
+    return 0

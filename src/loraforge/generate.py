@@ -1,0 +1,144 @@
+"""Text generation: prompt encoding, sampling, and a batched decode loop over our KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import LoraForgeError
+from .model.cache import KVCache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise LoraForgeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LoraForgeError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LoraForgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LoraForgeError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> list[int]:
+    """Token ids of a prompt: through the chat template (with the assistant header) unless chat=False."""
+    if isinstance(prompt, list) or chat:
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = "\n".join(m["content"] for m in msgs)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    ids = set(model.config.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """logits: [B, V] -> next token ids [B]."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = probs.cumsum(-1) - probs > p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    eos_ids: set[int],
+    adapter_ids: Tensor | None = None,
+    prefix: list[tuple[Tensor, Tensor]] | None = None,
+) -> list[list[int]]:
+    """Generate for a batch of token-id prompts (left-padded together). Returns the new ids per row."""
+    dev = model.inv_freq.device
+    B = len(prompts)
+    L = max(len(p) for p in prompts)
+    P = prefix[0][0].shape[2] if prefix else 0
+    total = P + L + params.max_new_tokens
+    cache = KVCache.for_model(model, B, total, dtype=model.model.embed_tokens.weight.dtype, device=dev)
+    if prefix:
+        for i, (k, v) in enumerate(prefix):  # the prefix is just the first P cached keys/values
+            cache.k[i, :, :, :P] = k.expand(B, -1, -1, -1)
+            cache.v[i, :, :, :P] = v.expand(B, -1, -1, -1)
+        cache.advance(P)
+    pad = 0
+    ids = torch.full((B, L), pad, dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        cache.key_mask[b, P:P + L - len(p)] = False  # left padding is never attended to
+    # positions count real tokens only, so a padded row sees the same positions as it would alone
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    positions = (torch.arange(L, device=dev)[None, :] - (L - lens)[:, None]).clamp(min=0) + P
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator(device=dev).manual_seed(params.seed)
+    logits = model(ids, positions=positions, cache=cache, adapter_ids=adapter_ids, logits_to_keep=1)[:, -1]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos = torch.tensor(sorted(eos_ids), device=dev)
+    pos = positions[:, -1:] + 1
+    for _ in range(params.max_new_tokens):
+        nxt = sample(logits, params, gen)  # [B]
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(nxt[b]))
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        logits = model(nxt[:, None], positions=pos, cache=cache, adapter_ids=adapter_ids)[:, -1]
+        pos = pos + 1
+    return out
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str | list[dict]],
+    params: SamplingParams | None = None,
+    *,
+    chat: bool = True,
+    adapter_ids: Tensor | None = None,
+    prefix: list[tuple[Tensor, Tensor]] | None = None,
+) -> list[str]:
+    """Completions for a batch of prompts (strings or chat message lists), special tokens stripped."""
+    params = params or SamplingParams()
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    eos = stop_token_ids(model, tokenizer)
+    new = generate_ids(model, encoded, params, eos, adapter_ids=adapter_ids, prefix=prefix)
+    texts = []
+    for ids in new:
+        ids = [i for i in ids if i not in eos]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for s in params.stop:
+            if s and s in text:
+                text = text[: text.index(s)]
+        texts.append(text)
+    return texts

@@ -1,0 +1,85 @@
+"""Export base + adapter as a plain Hugging Face folder that transformers loads without loraforge."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LoraForgeError
+from ..model.config import ARCHITECTURES
+from ..paths import atomic_dir, atomic_write_json, save_safetensors
+from .layer import LoraLinear
+from .model import registry
+
+log = logging.getLogger("loraforge")
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, adapter: str | None) -> tuple[dict[str, torch.Tensor], bool]:
+    """Hugging Face-named weights with W + s*BA folded in. Returns (tensors, had_quantized_base).
+
+    A quantized base is dequantized and the result kept in full precision: re-quantizing W + s*BA would
+    throw away exactly the small update the adapter learned.
+    """
+    out: dict[str, torch.Tensor] = {}
+    quantized = False
+    handled: set[str] = set()
+    for path, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            base = m.base
+            path_base = path
+        elif hasattr(m, "quant_type") and hasattr(m, "dequantize") and not path.endswith(".base"):
+            base, path_base = m, path
+        else:
+            continue
+        handled.add(path_base)
+        if hasattr(base, "dequantize"):
+            quantized = True
+            w = base.dequantize(torch.float32)
+        else:
+            w = base.weight.detach().clone()
+        if isinstance(m, LoraLinear) and adapter is not None and adapter in m.lora_A \
+                and registry(model).merged != adapter:
+            delta = m.delta_weight(adapter).to(w.dtype)
+            w = w + delta
+        if not torch.isfinite(w).all():
+            raise LoraForgeError(f"refusing to export: {path_base} has non-finite merged weights")
+        out[f"{path_base}.weight"] = w.cpu()
+        if getattr(base, "bias", None) is not None:
+            out[f"{path_base}.bias"] = base.bias.detach().float().cpu() if quantized else base.bias.detach().cpu()
+    for name, t in model.state_dict().items():
+        mod = name.rsplit(".", 1)[0]
+        if any(name.startswith(h + ".") for h in handled) or mod in handled:
+            continue
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        out[name] = t.detach().cpu()
+    if getattr(model.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    if quantized:  # a quantized base means the rest should leave in fp32 too, not the compute dtype
+        out = {k: (v.float() if v.is_floating_point() else v) for k, v in out.items()}
+    return out, quantized
+
+
+def write_merged_folder(model: nn.Module, tokenizer, out_dir: str | Path, adapter: str | None = None) -> Path:
+    reg = registry(model)
+    adapter = adapter or reg.active
+    tensors, quantized = merged_state_dict(model, adapter)
+    dtype = next(iter(v for v in tensors.values() if v.is_floating_point())).dtype
+    cfg = dict(model.config.hf_config)
+    cfg.pop("quantization_config", None)
+    cfg.setdefault("architectures", [ARCHITECTURES[model.config.model_type]])
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")
+    if quantized:
+        log.warning("the base was quantized: the merged model is written in full precision (%s), not re-quantized",
+                    cfg["dtype"])
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", cfg)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir

