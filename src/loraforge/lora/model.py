@@ -68,7 +68,7 @@ def add_lora(model: nn.Module, name: str = "default", config: LoraConfig | None 
         layer = model.get_submodule(path)
         if not isinstance(layer, LoraLinear):
             parent_path, _, attr = path.rpartition(".")
-            layer = LoraLinear(layer, reg)
+            layer = LoraLinear(layer, reg).train(layer.training)  # a new module must not flip eval to train
             setattr(model.get_submodule(parent_path), attr, layer)
         r, alpha = config.rank_alpha(path)
         layer.add(name, r, config.scaling(r, alpha), config.dropout, config.init)
