@@ -233,3 +233,16 @@ def test_adapter_names_validated(tiny):
         add_lora(model, "a")
     with pytest.raises(LoraForgeError, match="no adapter named"):
         adapter_ids_for(model, ["a", "b"])
+
+
+def test_lora_only_operations_refuse_a_prefix_adapter(tiny, tmp_path):
+    from loraforge.lora import save_adapter
+    from loraforge.prefix import PrefixConfig, add_prefix
+
+    model, _ = tiny
+    add_prefix(model, "p", PrefixConfig(num_virtual_tokens=3))
+    for call in (lambda: merge_adapter(model, "p"), lambda: save_adapter(model, "p", tmp_path / "x"),
+                 lambda: get_adapter_params(model, "p")):
+        with pytest.raises(LoraForgeError, match="'p' is a prefix adapter, not LoRA"):
+            call()
+    assert registry(model).merged is None and not (tmp_path / "x").exists()

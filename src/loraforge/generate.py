@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .errors import LoraForgeError
 from .model.cache import KVCache
+from .prefix.module import active_prefix
 
 
 @dataclass
@@ -77,9 +78,14 @@ def generate_ids(
     adapter_ids: Tensor | None = None,
     prefix: list[tuple[Tensor, Tensor]] | None = None,
 ) -> list[list[int]]:
-    """Generate for a batch of token-id prompts (left-padded together). Returns the new ids per row."""
+    """Generate for a batch of token-id prompts (left-padded together). Returns the new ids per row.
+
+    prefix: per-layer (k, v) [1 or B, Hkv, P, D]; by default the active prefix adapter's, if any.
+    """
     dev = model.inv_freq.device
     B = len(prompts)
+    if prefix is None:
+        prefix = active_prefix(model, 1, adapter_ids)
     L = max(len(p) for p in prompts)
     P = prefix[0][0].shape[2] if prefix else 0
     total = P + L + params.max_new_tokens

@@ -30,6 +30,17 @@ def registry(model: nn.Module) -> AdapterRegistry:
     return reg
 
 
+def require_lora(model: nn.Module, name: str | None, action: str) -> str:
+    """`name` if it is a loaded LoRA adapter; otherwise one clear error (prefix adapters have no A/B)."""
+    reg = registry(model)
+    if name is None or name not in reg.configs:
+        raise LoraForgeError(f"cannot {action}: no adapter named {name!r} (loaded: {', '.join(reg.names) or 'none'})")
+    if not isinstance(reg.configs[name], LoraConfig):
+        kind = type(reg.configs[name]).__name__.replace("Config", "").lower()
+        raise LoraForgeError(f"cannot {action}: {name!r} is a {kind} adapter, not LoRA")
+    return name
+
+
 def is_linear(m: nn.Module) -> bool:
     """A projection LoRA can wrap: nn.Linear or a frozen quantized linear."""
     return isinstance(m, nn.Linear) or (hasattr(m, "quant_type") and hasattr(m, "in_features"))
@@ -138,9 +149,7 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> None:
     Refuses (and changes nothing) when any delta or merged weight would be non-finite (PEFT's safe_merge).
     """
     reg = registry(model)
-    name = name or reg.active
-    if name is None or name not in reg.configs:
-        raise LoraForgeError(f"no adapter to merge (asked for {name!r}; loaded: {', '.join(reg.names) or 'none'})")
+    name = require_lora(model, name or reg.active, "merge")
     if reg.merged is not None:
         raise LoraForgeError(f"adapter {reg.merged!r} is already merged; unmerge it first")
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
@@ -169,6 +178,7 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 def get_adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """{module_path.lora_A / .lora_B: parameter} for one adapter."""
+    require_lora(model, name, "get LoRA parameters")
     out = {}
     for path, layer in lora_layers(model):
         if name in layer.lora_A:

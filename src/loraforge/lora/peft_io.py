@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import LoraForgeError
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
 from .config import LoraConfig
-from .model import add_lora, delete_adapter, linear_paths, lora_layers, registry
+from .model import add_lora, delete_adapter, linear_paths, lora_layers, registry, require_lora
 
 log = logging.getLogger("loraforge")
 
@@ -40,9 +40,7 @@ KNOWN_KEYS = {
 def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_name: str | None = None) -> Path:
     """Write adapter `name` as a PEFT LoRA folder (atomically: a crash leaves the old folder or none)."""
     reg = registry(model)
-    if name not in reg.configs:
-        raise LoraForgeError(f"no adapter named {name!r}")
-    cfg: LoraConfig = reg.configs[name]
+    cfg: LoraConfig = reg.configs[require_lora(model, name, "save as a LoRA adapter")]
     tensors, targets = {}, set()
     for path, layer in lora_layers(model):
         if name in layer.lora_A:
