@@ -43,8 +43,10 @@ def merged_state_dict(model: nn.Module, adapter: str | None) -> tuple[dict[str, 
             w = base.weight.detach().clone()
         if isinstance(m, LoraLinear) and adapter is not None and adapter in m.lora_A \
                 and registry(model).merged != adapter:
-            delta = m.delta_weight(adapter).to(w.dtype)
-            w = w + delta
+            # B @ A in the dtype written out: on a quantized base that is fp32 even when the adapter
+            # trained in bf16, so the product is not rounded to bf16 first.
+            A, B = m.lora_A[adapter].to(w.dtype), m.lora_B[adapter].to(w.dtype)
+            w = w + (B @ A) * m.scaling[adapter]
         if not torch.isfinite(w).all():
             raise LoraForgeError(f"refusing to export: {path_base} has non-finite merged weights")
         out[f"{path_base}.weight"] = w.cpu()
@@ -54,7 +56,7 @@ def merged_state_dict(model: nn.Module, adapter: str | None) -> tuple[dict[str, 
         mod = name.rsplit(".", 1)[0]
         if any(name.startswith(h + ".") for h in handled) or mod in handled:
             continue
-        if ".lora_A." in name or ".lora_B." in name:
+        if ".lora_A." in name or ".lora_B." in name or name.startswith("prefix_adapters."):
             continue
         out[name] = t.detach().cpu()
     if getattr(model.config, "tie_word_embeddings", False):

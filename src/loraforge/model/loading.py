@@ -2,11 +2,14 @@
 
 The model is built on the meta device and each tensor is read from safetensors and assigned in place
 (``assign=True`` semantics), so loading never holds two copies of the weights. With ``quantize`` each
-linear weight is quantized as soon as it is read: the full-precision model never exists whole.
+linear weight is quantized as soon as it is read: the full-precision model never exists whole. A
+pre-quantized folder (``loraforge quantize``, or transformers + bitsandbytes 4-bit) is recognised by its
+``*.weight.quant_state.*`` tensors and loaded as stored, without quantizing anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,6 +20,16 @@ import torch
 from torch import nn
 
 from ..errors import LoraForgeError
+from ..quant import QUANT_TYPES, QuantLinear, state_from_tensors
+from ..quant.checkpoint import (
+    QuantSpec,
+    group_of,
+    quantize_weight,
+    spec_from_config,
+    stored_quantized,
+    use_quant_linears,
+)
+from ..quant.linear import linear_names
 from .config import ModelConfig
 from .embedded import EMBEDDED_NAME, converted_folder, embedded_gguf
 from .llama import Linear, LlamaForCausalLM, rope_inv_freq
@@ -105,6 +118,107 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
         setattr(mod, attr, t)
 
 
+class WeightReader:
+    """Every safetensors file of a checkpoint open at once, so a tensor is read by name wherever it is.
+
+    A quantized weight's tensors (codes, scales, quant_state) may sit in different shards.
+    `get` returns a tensor backed by safetensors' memory map (no copy; the model keeps it). `read`
+    copies a tensor out with plain file reads, for a weight that is quantized and then dropped: pages
+    touched through the map stay counted in this process's memory for as long as the map is open, so
+    reading every weight that way would grow it by the whole checkpoint.
+    """
+
+    def __init__(self, files: list[Path], stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self.file_of: dict[str, Path] = {}  # tensor name -> its file, in file order
+        self._handles, self._raw, self._header = {}, {}, {}
+        for file in files:
+            with self._errors(file):
+                handle = self._handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                self.file_of.update(dict.fromkeys(handle.keys(), file))
+                # safe_open has validated the header; keep its offsets for `read`
+                raw = self._raw[file] = stack.enter_context(open(file, "rb", buffering=0))
+                size = int.from_bytes(raw.read(8), "little")
+                self._header[file] = (8 + size, json.loads(raw.read(size)))
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.file_of[key]
+        with self._errors(file):
+            return self._handles[file].get_tensor(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        file = self.file_of[key]
+        data_start, header = self._header[file]
+        info = header[key]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            return self.get(key).clone()
+        begin, end = info["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view, raw = memoryview(buf.numpy()), self._raw[file]
+        with self._errors(file):
+            raw.seek(data_start + begin)
+            done = 0
+            while done < len(view):
+                n = raw.readinto(view[done:])
+                if not n:
+                    raise LoraForgeError(f"{file}: truncated file (tensor {key} ends past the end)")
+                done += n
+        return buf.view(dtype).reshape(info["shape"])
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _errors(file: Path):
+        from safetensors import SafetensorError
+
+        try:
+            yield
+        except SafetensorError as e:
+            raise LoraForgeError(f"{file}: corrupt safetensors file ({e})") from None
+        except OSError as e:
+            raise LoraForgeError(f"{file}: cannot read ({e})") from None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _quantization(model: nn.Module, cfg: ModelConfig, folder: Path, stored: dict[str, str],
+                  quantize: str | None, dt: torch.dtype) -> tuple[QuantSpec | None, set[str]]:
+    """Turn the linears that will hold quantized weights into QuantLinear placeholders.
+
+    Returns (spec, weights to quantize on load). A pre-quantized checkpoint (its tensors say which
+    weights are stored quantized, config.json's quantization_config must agree) is read as it is;
+    otherwise `quantize` picks every linear but lm_head (`linear_names`), each quantized once read.
+    """
+    where = str(folder / "config.json")
+    declared = spec_from_config(cfg.hf_config, where)
+    if declared is not None and not stored:
+        raise LoraForgeError(f"{where}: quantization_config declares a quantized model, but the weights hold no "
+                             "quantized tensors (no *.quant_state.* entries)")
+    if stored:
+        kinds = sorted(set(stored.values()))
+        if quantize is not None and kinds != [quantize]:
+            raise LoraForgeError(
+                f"{folder}: the weights are already quantized ({', '.join(kinds)}); re-quantizing them as "
+                f"{quantize} would add a second rounding error. Drop --quantize, or quantize the full-precision model"
+            )
+        linears = dict(model.named_modules())
+        for name in stored:
+            mod = name.removesuffix(".weight")
+            tied_head = cfg.tie_word_embeddings and mod == "lm_head"  # it is the embedding, never quantized
+            if not name.endswith(".weight") or not isinstance(linears.get(mod), nn.Linear) or tied_head:
+                raise LoraForgeError(f"{folder}: {name} is stored quantized, but it is not the weight of a linear layer")
+        use_quant_linears(model, [n.removesuffix(".weight") for n in stored], declared or QuantSpec(kinds[0]), dt)
+        return declared or QuantSpec(kinds[0]), set()
+    if quantize is None:
+        return None, set()
+    spec = QuantSpec(quantize)  # NF4 defaults to QLoRA's blocks of 64 with double quantization
+    names = linear_names(model)
+    use_quant_linears(model, names, spec, dt)
+    return spec, {f"{n}.weight" for n in names}
+
+
 def load_model(
     src: str | None = None,
     *,
@@ -112,50 +226,56 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
 ) -> tuple[LlamaForCausalLM, object]:
-    """Load a base model and its tokenizer. Returns (model, tokenizer); the model is frozen and in eval mode."""
-    from safetensors import SafetensorError, safe_open
+    """Load a base model and its tokenizer. Returns (model, tokenizer); the model is frozen and in eval mode.
 
+    `quantize` ("nf4", "fp4", "int8") quantizes every linear but lm_head as it is read. A pre-quantized
+    folder (`loraforge quantize`, or transformers + bitsandbytes 4-bit) loads quantized without it.
+    """
     t0 = time.perf_counter()
     source = resolve_source(src)
     cfg = read_config(source.folder)
     dev, dt = default_device_dtype(device, dtype)
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise LoraForgeError(f"--quantize {quantize!r}: choose one of {', '.join(QUANT_TYPES)}")
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    quantizer = None
-    if quantize is not None:
-        from ..quant import quantize_weight_on_load  # imported lazily: quantization is optional
-
-        quantizer = quantize_weight_on_load(quantize)
-    expected = set(model.state_dict().keys())
+    # Shapes as config.json implies them, taken before any linear becomes a QuantLinear.
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+        shapes.pop("lm_head.weight", None)
     seen: set[str] = set()
-    for file in weight_files(source.folder):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if cfg.tie_word_embeddings and key == "lm_head.weight":
-                        continue
-                    if quantizer is not None and quantizer.handles(model, key):
-                        quantizer.load(model, key, f, dev, dt, seen)
-                        continue
-                    if key not in expected:
-                        raise LoraForgeError(f"{file}: unexpected tensor {key!r}; is this a {cfg.model_type} checkpoint?")
-                    t = f.get_tensor(key)
-                    want = model.get_parameter(key) if key in dict(model.named_parameters()) else None
-                    if want is not None and tuple(t.shape) != tuple(want.shape):
-                        raise LoraForgeError(
-                            f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {tuple(want.shape)}"
-                        )
-                    _set_tensor(model, key, t.to(device=dev, dtype=dt if t.is_floating_point() else t.dtype))
-                    seen.add(key)
-        except SafetensorError as e:
-            raise LoraForgeError(f"{file}: corrupt safetensors file ({e})") from None
-        except OSError as e:
-            raise LoraForgeError(f"{file}: cannot read ({e})") from None
-    missing = sorted(expected - seen)
+    with contextlib.ExitStack() as stack:
+        reader = WeightReader(weight_files(source.folder), stack)
+        stored = stored_quantized(reader.file_of)
+        spec, on_load = _quantization(model, cfg, source.folder, stored, quantize, dt)
+        owner = {key: group_of(key, stored) for key in reader.file_of} if stored else {}
+        members: dict[str, list[str]] = {}  # stored quantized weight -> the names of its tensors
+        for key, group in owner.items():
+            if group is not None:
+                members.setdefault(group, []).append(key)
+        for key, file in reader.file_of.items():
+            if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            if (group := owner.get(key)) is not None:
+                # a pre-quantized weight: read all its tensors when its quant_state entry comes by
+                if key.startswith(group + ".quant_state."):
+                    tensors = {k: reader.get(k) for k in members[group]}
+                    _load_stored(model, file, group, tensors, shapes[group], dev)
+                    seen.add(group)
+                continue
+            if key not in shapes:
+                raise LoraForgeError(f"{file}: unexpected tensor {key!r}; is this a {cfg.model_type} checkpoint?")
+            t = reader.read(key) if key in on_load else reader.get(key)
+            if tuple(t.shape) != shapes[key]:
+                raise LoraForgeError(f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shapes[key]}")
+            t = t.to(device=dev, dtype=dt if t.is_floating_point() else t.dtype)
+            if key in on_load:
+                # quantized now: only this one layer ever exists in full precision
+                model.get_submodule(key.removesuffix(".weight")).set_quant_state(quantize_weight(t, spec))
+            else:
+                _set_tensor(model, key, t)
+            seen.add(key)
+    missing = sorted(set(shapes) - seen)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LoraForgeError(f"{source.folder}: weights missing from the checkpoint: {', '.join(missing[:3])}{more}")
@@ -167,12 +287,25 @@ def load_model(
     model.source_folder = source.folder
     tok = load_tokenizer(source.folder)
     n = count_parameters(model)
+    how = "" if spec is None else f", {spec.quant_type} base" + (" (pre-quantized)" if stored else "")
     log.info(
         "loaded %s: %s parameters, %s on %s%s (%.1fs)",
-        source.name, human(n), str(dt).replace("torch.", ""), dev,
-        f", {quantize} base" if quantize else "", time.perf_counter() - t0,
+        source.name, human(n), str(dt).replace("torch.", ""), dev, how, time.perf_counter() - t0,
     )
     return model, tok
+
+
+def _load_stored(model: nn.Module, file: Path, name: str, tensors: dict[str, torch.Tensor], shape: tuple,
+                 dev: torch.device) -> None:
+    """Fill the QuantLinear placeholder of weight `name` from its stored tensors (codes, scales, quant_state)."""
+    try:
+        state = state_from_tensors(tensors, name, dev)
+    except LoraForgeError as e:
+        raise LoraForgeError(f"{file}: {e}") from None
+    if tuple(state.shape) != shape:
+        raise LoraForgeError(f"{file}: quantized weight {name} has shape {tuple(state.shape)}, "
+                             f"config.json implies {shape}")
+    model.get_submodule(name.removesuffix(".weight")).set_quant_state(state)
 
 
 def load_tokenizer(folder: Path):
@@ -188,10 +321,10 @@ def load_tokenizer(folder: Path):
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters as stored (a tied embedding counts once; a 4-bit weight counts its logical size)."""
+    """Parameters as stored (a tied embedding counts once; a quantized weight counts its in x out values)."""
     seen, n = set(), 0
     for m in model.modules():
-        if hasattr(m, "out_features") and hasattr(m, "in_features") and not isinstance(m, (nn.Linear,)) and hasattr(m, "quant_type"):
+        if isinstance(m, QuantLinear):  # its weight is packed codes in buffers, not a parameter
             n += m.in_features * m.out_features
     for p in model.parameters():
         if id(p) not in seen:

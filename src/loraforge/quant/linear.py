@@ -121,6 +121,15 @@ class QuantLinear(nn.Module):
         bias = tensors.get(_join(prefix, "bias"))
         return cls.from_state(state, None if bias is None else bias.to(device), compute_dtype)
 
+    def set_quant_state(self, state: QuantState) -> None:
+        """Replace the quantized weight (e.g. the placeholder of a layer built on the meta device)."""
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise LoraForgeError(
+                f"QuantLinear: the quantized weight has shape {list(state.shape)}, "
+                f"expected [{self.out_features}, {self.in_features}]."
+            )
+        self._set_state(state)
+
     def _set_state(self, state: QuantState) -> None:
         self.quant_type, self.blocksize = state.quant_type, state.blocksize
         self.weight_dtype, self.nested_blocksize = state.dtype, state.nested_blocksize
@@ -238,25 +247,18 @@ def _skipper(skip) -> Callable[[str], bool]:
     return lambda name: name in names or name.rsplit(".", 1)[-1] in names
 
 
-def quantize_linears(
-    module: nn.Module,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    skip: Callable[[str], bool] | Iterable[str] | str | None = None,
-    compute_dtype: torch.dtype | None = None,
-) -> int:
-    """Replace every nn.Linear under `module` by a QuantLinear, in place; return how many.
+def linear_names(
+    module: nn.Module, skip: Callable[[str], bool] | Iterable[str] | str | None = None
+) -> list[str]:
+    """Dotted names of the nn.Linear layers under `module` that get quantized.
 
     `lm_head` is never quantized (it is often tied to the embedding and is the most sensitive
-    projection). `skip` is a predicate on the dotted module name, or names matched against the full
-    name or its last part. Layers are replaced one at a time and only names are held between them,
-    so each full-precision weight is freed as soon as its quantized copy exists (peak memory: the
-    model plus one layer). Quantize before adding adapters, or skip the adapters' own linears.
+    projection); embeddings and norms are not linears. `skip` is a predicate on the dotted module
+    name, or names matched against the full name or its last part. The model loader uses the same
+    rule, so quantizing on load and quantizing a loaded model pick the same layers.
     """
-    check_config(quant_type, blocksize, where="quantize_linears")
     skipped = _skipper(skip)
-    names = [
+    return [
         name
         for name, child in module.named_modules()
         # name "" is `module` itself, which cannot be replaced in place: use QuantLinear.from_linear
@@ -265,6 +267,24 @@ def quantize_linears(
         and name.rsplit(".", 1)[-1] != "lm_head"
         and not skipped(name)
     ]
+
+
+def quantize_linears(
+    module: nn.Module,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    skip: Callable[[str], bool] | Iterable[str] | str | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> int:
+    """Replace every nn.Linear under `module` (see `linear_names`) by a QuantLinear, in place.
+
+    Returns how many. Layers are replaced one at a time and only names are held between them, so
+    each full-precision weight is freed as soon as its quantized copy exists (peak memory: the model
+    plus one layer). Quantize before adding adapters, or skip the adapters' own linears.
+    """
+    check_config(quant_type, blocksize, where="quantize_linears")
+    names = linear_names(module, skip)
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

@@ -1,0 +1,117 @@
+"""Write a pre-quantized copy of a model folder (`loraforge quantize`), one tensor at a time.
+
+The copy loads without re-quantizing (`load_model` reads the codes as they are) and gives exactly
+the outputs of quantizing on load, because both quantize the same float tensors with the same code.
+NF4 / FP4 folders are also what transformers + bitsandbytes read (checkpoint.py has the layout).
+"""
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from loraforge.errors import LoraForgeError
+from loraforge.quant.checkpoint import (
+    QuantSpec,
+    quantization_config,
+    quantize_weight,
+    spec_from_config,
+    stored_quantized,
+)
+from loraforge.quant.linear import linear_names
+from loraforge.quant.serialize import state_to_tensors
+
+log = logging.getLogger("loraforge")
+
+
+def write_quantized_model(
+    src: str | None,
+    out_dir: str | Path,
+    spec: QuantSpec = QuantSpec(),
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Quantize every linear weight but lm_head of model `src` and write the folder `out_dir` atomically.
+
+    The other tensors (embeddings, norms, lm_head, biases) are copied as they are, or cast to `dtype`
+    when given. Weights are quantized from their stored dtype (or `dtype`) on `device` (default: cuda
+    if available; CPU and CUDA give the same codes, while the double-quantization offset, a mean, may
+    differ in its last bit). Only the quantized model is held in memory, plus one float tensor at a time.
+    """
+    from loraforge.model.llama import LlamaForCausalLM
+    from loraforge.model.loading import (
+        WeightReader,
+        load_tokenizer,
+        read_config,
+        resolve_source,
+        weight_files,
+    )
+    from loraforge.paths import atomic_dir, atomic_write_json, save_safetensors
+
+    source = resolve_source(src)
+    cfg = read_config(source.folder)
+    if spec_from_config(cfg.hf_config, str(source.folder / "config.json")) is not None:
+        raise LoraForgeError(f"{source.folder}: already quantized; quantize the full-precision model instead")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    shapes = {f"{n}.weight": tuple(model.get_submodule(n).weight.shape) for n in linear_names(model)}
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tensors: dict[str, torch.Tensor] = {}
+    float_dtypes: set[torch.dtype] = set()
+    with contextlib.ExitStack() as stack:
+        reader = WeightReader(weight_files(source.folder), stack)
+        if stored_quantized(reader.file_of):
+            raise LoraForgeError(
+                f"{source.folder}: the weights are already quantized; quantize the full-precision model"
+            )
+        missing = sorted(set(shapes) - set(reader.file_of))
+        if missing:
+            raise LoraForgeError(
+                f"{source.folder}: weights missing from the checkpoint: {', '.join(missing[:3])}"
+            )
+        for key, file in reader.file_of.items():
+            if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            # weights to quantize are copied out and dropped (see WeightReader.read); the rest is kept
+            t = reader.read(key) if key in shapes else reader.get(key)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            if key not in shapes:
+                tensors[key] = t
+                if t.is_floating_point():
+                    float_dtypes.add(t.dtype)
+                continue
+            if tuple(t.shape) != shapes[key]:
+                raise LoraForgeError(
+                    f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shapes[key]}"
+                )
+            state = quantize_weight(t.to(dev), spec)
+            tensors.update({k: v.cpu() for k, v in state_to_tensors(state, key).items()})
+    compute_dtype = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
+    config = dict(cfg.hf_config)
+    config["quantization_config"] = quantization_config(spec, compute_dtype)
+    if dtype is not None:
+        config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    tokenizer = load_tokenizer(source.folder)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", config)
+        if (source.folder / "generation_config.json").exists():
+            shutil.copy(source.folder / "generation_config.json", tmp / "generation_config.json")
+        tokenizer.save_pretrained(str(tmp))
+        # adapters trained on the copy still name the model they were made for
+        atomic_write_json(
+            tmp / "loraforge_source.json",
+            {
+                "name": source.name,
+                "quantized_from": str(source.folder),
+                "quant_type": spec.quant_type,
+            },
+        )
+    return out_dir
+
+
+__all__ = ["write_quantized_model"]
