@@ -9,8 +9,8 @@ from loraforge.errors import LoraForgeError
 from loraforge.lora import (
     LoraConfig,
     LoraLinear,
-    add_lora,
     adapter_ids_for,
+    add_lora,
     delete_adapter,
     disable_adapter,
     get_adapter_params,

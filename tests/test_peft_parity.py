@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from loraforge.errors import LoraForgeError
 from loraforge.lora import (
     LoraConfig,
-    add_lora,
     adapter_ids_for,
+    add_lora,
     get_adapter_params,
     load_adapter,
     registry,

@@ -33,7 +33,7 @@ KNOWN_KEYS = {
     "auto_mapping", "megatron_config", "megatron_core", "loftq_config", "layer_replication", "runtime_config",
     "exclude_modules", "lora_bias", "eva_config", "corda_config", "trainable_token_indices", "target_parameters",
     "peft_version", "use_qalora", "qalora_group_size", "alora_invocation_tokens", "arrow_config",
-    "ensure_weight_tying", "lora_ga_config", "use_bdlora", "bdlora_config", "layer_replication",
+    "ensure_weight_tying", "lora_ga_config", "use_bdlora", "bdlora_config",
 }
 
 
@@ -209,7 +209,6 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, ac
 def _exact_targets(cfg: LoraConfig) -> LoraConfig:
     """A copy of cfg whose targets match exactly the listed module paths (full regex match)."""
     import re
-
     from dataclasses import replace
 
     return replace(cfg, targets="|".join(re.escape(t) for t in cfg.targets))

@@ -1,0 +1,175 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+    DIR/checkpoints/step-N/
+        trainable.safetensors   the trained tensors, by name (Trainable.params)
+        optimizer.safetensors   AdamW's moments and step count, keyed "<param name>/<state key>"
+        rng.safetensors         torch's CPU (and CUDA) generator states
+        state.json              step, data sampler position, best validation loss, Python/NumPy RNG
+                                states, the run's config
+
+Each folder is written beside its final name and renamed into place, so a run killed at any moment
+leaves only whole checkpoints; deletion renames first for the same reason. Tensors go through
+safetensors and everything else through JSON: loading a checkpoint never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LoraForgeError
+from ..paths import atomic_dir, atomic_write_json, save_safetensors
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under out/checkpoints, oldest first."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def remove_stale(out: Path) -> None:
+    """Delete the half-written and half-deleted folders a killed run leaves (names starting with '.')."""
+    root = Path(out) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` (state: JSON-able trainer state) and keep only the newest `keep`."""
+    dest = Path(out) / CHECKPOINTS / f"step-{step}"
+    with atomic_dir(dest) as tmp:
+        save_safetensors({n: p.detach().cpu() for n, p in params.items()}, tmp / "trainable.safetensors")
+        save_safetensors(optimizer_tensors(optimizer, params), tmp / "optimizer.safetensors")
+        save_safetensors(torch_rng_state(), tmp / "rng.safetensors")
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "python_rng": python_rng_state()})
+    for _, old in checkpoints(out)[:-keep]:
+        doomed = old.with_name(f".{old.name}.deleting")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return dest
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LoraForgeError(f"{path}: unreadable checkpoint ({e}); delete it to resume from an earlier one") from None
+
+
+def load_checkpoint(
+    path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore trained tensors, optimizer state and RNG states from `path`; return its state.json."""
+    from safetensors.torch import load_file
+
+    state = read_state(path)
+    try:
+        trained = load_file(str(path / "trainable.safetensors"))
+        opt = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError) as e:
+        raise LoraForgeError(f"{path}: unreadable checkpoint ({e}); delete it to resume from an earlier one") from None
+    if set(trained) != set(params):
+        missing = sorted(set(params) ^ set(trained))[:3]
+        raise LoraForgeError(
+            f"{path}: the checkpoint's trained tensors differ from this run's ({', '.join(missing)} ...); "
+            "resume with the same method, model, rank and targets"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if trained[name].shape != p.shape:
+                raise LoraForgeError(f"{path}: {name} has shape {list(trained[name].shape)} in the checkpoint, "
+                                     f"{list(p.shape)} in this run; resume with the same rank")
+            p.copy_(trained[name])
+    load_optimizer_tensors(optimizer, params, opt)
+    set_torch_rng_state(rng)
+    set_python_rng_state(state.pop("python_rng"))
+    return state
+
+
+# -- optimizer ----------------------------------------------------------------------------------------------
+def optimizer_tensors(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in params.items()}
+    out = {}
+    for p, st in optimizer.state.items():
+        for key, v in st.items():
+            out[f"{names[id(p)]}/{key}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu()
+    return out
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]
+) -> None:
+    # Through load_state_dict, which casts moments to each parameter's device and dtype; the hyper-
+    # parameters stay this run's (the learning rate is set from the schedule at every step anyway).
+    names = {id(p): n for n, p in params.items()}
+    sd = optimizer.state_dict()
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    sd["state"] = {}
+    for i, name in enumerate(order):
+        st = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+        if st:
+            sd["state"][i] = st
+    optimizer.load_state_dict(sd)
+
+
+# -- random number generators -------------------------------------------------------------------------------
+def torch_rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    return out
+
+
+def set_torch_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def python_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"random": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_python_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

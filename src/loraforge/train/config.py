@@ -1,0 +1,242 @@
+"""TrainConfig: everything a training run depends on, typed and checked when it is built.
+
+A YAML file maps 1:1 onto the fields (an unknown key is an error naming it); command-line flags
+override the YAML, and the resolved config is written to DIR/config.yaml so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoraForgeError
+
+METHODS = ("lora", "qlora", "prefix")
+DATA_FORMATS = ("chat", "alpaca", "completion", "text")  # loraforge.data.FORMATS, without importing it
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # training file: .jsonl, .json, .csv or .parquet
+    out: str | None = None  # output folder (default: runs/<data file stem>)
+    model: str | None = None  # Hugging Face folder or .gguf (default: the embedded SmolLM2-135M-Instruct)
+    device: str | None = None  # default: cuda if available, else cpu
+    method: str = "lora"  # lora, qlora (NF4 base + LoRA) or prefix
+    # LoRA
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"  # "all-linear", a regex, or a list of module names
+    # prefix tuning
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False  # train through an MLP (Li & Liang), folded away on save
+    # optimisation
+    max_steps: int | None = None  # optimizer steps; give this or epochs (default: 1 epoch)
+    epochs: float | None = None
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int | None = None  # default: 5% of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 0
+    # data
+    format: str | None = None  # chat, alpaca, completion or text (default: detected from the first record)
+    max_len: int = 1024
+    train_on_prompt: bool = False
+    pack: bool = False
+    skip_bad_lines: bool = False
+    val: str | None = None  # a validation file; when set, val_split is not used
+    val_split: float = 0.1
+    # bookkeeping
+    eval_every: int = 50  # 0 = only at the end
+    save_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        # YAML and callers hand us loosely typed values (YAML 1.1 reads `2e-4` as a string): coerce each
+        # to its declared type, or fail naming the field.
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, what: str):
+            raise LoraForgeError(f"config: {name} {getattr(self, name)!r}: {what}")
+
+        if self.method not in METHODS:
+            bad("method", f"choose one of {', '.join(METHODS)}")
+        if self.format is not None and self.format not in DATA_FORMATS:
+            bad("format", f"choose one of {', '.join(DATA_FORMATS)}")
+        for name in ("rank", "num_virtual_tokens", "batch_size", "grad_accum", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        for name in ("eval_every", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                bad(name, "must be 0 or more")
+        if self.max_len < 2:
+            bad("max_len", "must be at least 2 tokens")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            bad("alpha", "must be positive")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "must be in [0, 1)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "must be positive")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            bad("max_grad_norm", "must be positive")
+        if not self.weight_decay >= 0:
+            bad("weight_decay", "must be 0 or more")
+        if not 0 <= self.val_split < 1:
+            bad("val_split", "must be a fraction in [0, 1)")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", "must be at least 1")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            bad("epochs", "must be positive")
+        if self.max_steps is not None and self.epochs is not None:
+            raise LoraForgeError("config: give max_steps or epochs, not both")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            bad("warmup_steps", "must be 0 or more")
+        if isinstance(self.targets, list) and (not self.targets or not all(self.targets)):
+            bad("targets", "must be 'all-linear', a regex, or a non-empty list of module names")
+
+    # -- building one ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        known = config_fields()
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
+                raise LoraForgeError(f"{where}: unknown key {key!r}{hint}")
+        try:
+            return cls(**values)
+        except LoraForgeError as e:
+            msg = str(e)
+            raise LoraForgeError(f"{where}: {msg.removeprefix('config: ')}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a YAML file of TrainConfig fields, then apply `overrides` (the flags the user passed)."""
+        values = read_yaml(path)
+        return cls.from_dict(merge(values, overrides or {}), where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- derived values -------------------------------------------------------------------------------------
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        if not self.data:
+            raise LoraForgeError("config: no out folder and no data file to name one after")
+        return Path("runs") / Path(self.data).stem
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LoraForgeError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise LoraForgeError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LoraForgeError(f"{path}: expected a mapping of TrainConfig fields, got {type(raw).__name__}")
+    return raw
+
+
+def merge(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`values` with `overrides` on top. The two run lengths exclude each other: a flag choosing one
+    drops the other from the YAML."""
+    out = dict(values)
+    if "epochs" in overrides and "max_steps" not in overrides:
+        out.pop("max_steps", None)
+    if "max_steps" in overrides and "epochs" not in overrides:
+        out.pop("epochs", None)
+    out.update(overrides)
+    return out
+
+
+# -- type checking ------------------------------------------------------------------------------------------
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the field's declared type, or a LoraForgeError naming the field."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise LoraForgeError(f"config: {name} must be set (got null)")
+    for t in options:
+        if t is type(None):
+            continue
+        try:
+            return _as(value, t)
+        except (TypeError, ValueError):
+            continue
+    want = " or ".join(_type_name(t) for t in options if t is not type(None))
+    raise LoraForgeError(f"config: {name} must be {want}, got {value!r}")
+
+
+def _as(value: Any, t: Any) -> Any:
+    origin = typing.get_origin(t)
+    if origin is list:
+        (item,) = typing.get_args(t)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("not a list")
+        return [_as(v, item) for v in value]
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError("not a boolean")
+    if t is int:
+        if isinstance(value, bool):
+            raise TypeError("a boolean is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            return int(value.strip())
+        raise TypeError("not an integer")
+    if t is float:
+        if isinstance(value, bool):
+            raise TypeError("a boolean is not a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            return float(value.strip())
+        raise TypeError("not a number")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("not a string")
+    raise TypeError(f"unsupported type {t}")
+
+
+def _type_name(t: Any) -> str:
+    if typing.get_origin(t) is list:
+        return "a list of " + _type_name(typing.get_args(t)[0]).removeprefix("a ").removeprefix("an ") + "s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(t, str(t))
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]

@@ -1,0 +1,309 @@
+"""The training loop: AdamW with warm-up + cosine, gradient accumulation and clipping, periodic
+validation, atomic checkpoints and exact resume.
+
+    from loraforge.train import TrainConfig, train
+    result = train(TrainConfig(data="pirate.jsonl", out="runs/pirate", max_steps=100))
+
+Exact resume: the batch order is a pure function of (seed, epoch) with a saved position, the learning
+rate a pure function of the step, and the checkpoint holds the trained tensors, AdamW's moments and the
+RNG states (LoRA dropout draws from torch's). A run killed after checkpoint N and resumed therefore
+takes bit-for-bit the same steps as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LoraForgeError
+from ..paths import atomic_write_text
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .evaluate import batch_loss, mean_loss, perplexity, trained_tokens
+from .methods import Trainable, base_quantization, prepare
+from .metrics import MetricsLog
+from .plot import plot_losses
+from .schedule import default_warmup, lr_at
+
+log = logging.getLogger("loraforge")
+
+# Test hook: SIGKILL ourselves right after this step's checkpoint is on disk (tests kill-and-resume).
+KILL_ENV = "LORAFORGE_TEST_KILL_AFTER_CHECKPOINT"
+# Changing these between a checkpoint and its resume would make the checkpoint meaningless.
+RESUME_FIXED = ("data", "model", "method", "rank", "alpha", "targets", "num_virtual_tokens", "prefix_projection",
+                "seed", "format", "max_len", "train_on_prompt", "pack", "val", "val_split", "batch_size", "grad_accum")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    train_loss: float  # the last step's
+    val_loss: float | None  # at the end; None without validation data
+    best_val_loss: float | None
+    tokens: int  # non-padding tokens seen
+    # The trained model (adapter "default" active, eval mode) and its tokenizer, for scoring right away.
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
+    """Train an adapter as `cfg` says and leave a PEFT adapter folder at cfg.out.
+
+    resume: continue from the newest checkpoint in cfg.out (a fresh start when there is none).
+    progress: show a progress bar on stderr (default: when stderr is a terminal).
+
+    Data errors surface before anything is written. A non-finite loss or gradient stops the run with a
+    LoraForgeError; the checkpoints written so far are kept.
+    """
+    if not cfg.data:
+        raise LoraForgeError("no training data: pass a data file (or set `data:` in the config)")
+    out = cfg.out_dir()
+    cfg = dataclasses.replace(cfg, out=str(out))
+    last = _check_out_dir(out, resume)
+    if last is not None:
+        _check_resumable(last, cfg)
+
+    train_records, val_records = _read_data(cfg)
+    from ..model import load_model
+
+    model, tok = load_model(cfg.model, device=cfg.device, dtype="float32", quantize=base_quantization(cfg.method))
+    rows, val_examples = _encode(cfg, tok, train_records, val_records)
+    device = model.inv_freq.device
+
+    _seed_everything(cfg.seed)  # adapter init draws from torch's generator
+    trainable = prepare(model, cfg)
+    from ..lora import trainable_report
+
+    log.info("%s: %s", cfg.method, trainable_report(model))
+    params = list(trainable.params.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    from ..data import Batcher
+
+    batcher = Batcher(rows, cfg.batch_size, seed=cfg.seed)
+    total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batcher) / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(total)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing = True
+
+    run = _Run(cfg, out, model, tok, trainable, optimizer, batcher, val_examples, total, warmup)
+    if last is not None:
+        run.restore(last)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        run.metrics.start(None)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())  # the settings this run actually uses
+    log.info("training %d steps (%d per epoch of %d rows, batch %d x %d accumulation) on %s; warm-up %d steps",
+             total, math.ceil(len(batcher) / cfg.grad_accum), len(rows), cfg.batch_size, cfg.grad_accum,
+             device, warmup)
+    return run.loop(progress)
+
+
+class _Run:
+    """The state of one training run and the steps it takes."""
+
+    def __init__(self, cfg, out, model, tok, trainable: Trainable, optimizer, batcher, val_examples, total, warmup):
+        self.cfg, self.out, self.model, self.tok = cfg, out, model, tok
+        self.trainable, self.optimizer, self.batcher = trainable, optimizer, batcher
+        self.val_examples, self.total, self.warmup = val_examples, total, warmup
+        self.device = model.inv_freq.device
+        self.metrics = MetricsLog(out / "metrics.jsonl")
+        self.step, self.tokens, self.best_val = 0, 0, None
+        self.last_saved: Path | None = None
+        self.last_eval_step = -1
+        self.loss = math.nan
+        self.val_loss: float | None = None
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    def restore(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.trainable.params, self.optimizer)
+        self.batcher.load_state_dict(state["sampler"])
+        self.step, self.tokens, self.best_val = state["step"], state["tokens"], state["best_val_loss"]
+        self.loss, self.val_loss = state.get("loss", math.nan), state.get("val_loss")
+        self.last_saved = path
+        self.metrics.start(self.step)
+        if any(r["step"] == self.step and "val_loss" in r for r in self.metrics.records):
+            self.last_eval_step = self.step  # evaluated just before this checkpoint: not again at the end
+        log.info("resuming from %s (step %d)", path, self.step)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def loop(self, progress: bool | None) -> TrainResult:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        cfg = self.cfg
+        self.model.train()
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=(not progress) if progress is not None else None, leave=False)
+        with bar, logging_redirect_tqdm(loggers=[log]):
+            while self.step < self.total:
+                t0 = time.perf_counter()
+                lr, grad_norm, n_tokens = self.train_step()
+                dt = time.perf_counter() - t0
+                self.metrics.append({"step": self.step, "epoch": round(self.epoch(), 4), "loss": self.loss, "lr": lr,
+                                     "grad_norm": grad_norm, "tokens": self.tokens, "tokens_per_s": round(n_tokens / dt, 1)})
+                bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}", refresh=False)
+                bar.update(1)  # redraws, postfix included
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+        if self.last_eval_step != self.step:
+            self.evaluate()
+        if self.last_saved is None or self.last_saved.name != f"step-{self.step}":
+            self.save()
+        self.model.eval()
+        self.write_adapter()
+        log.info("wrote adapter to %s (%d steps, train loss %.4f%s)", self.out, self.step, self.loss,
+                 f", validation loss {self.val_loss:.4f}" if self.val_loss is not None else "")
+        return TrainResult(self.out, self.step, self.loss, self.val_loss, self.best_val, self.tokens, self.model, self.tok)
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum micro-batches. Returns (lr, gradient norm, input tokens)."""
+        cfg, params = self.cfg, list(self.trainable.params.values())
+        from ..data import collate
+
+        batches = [collate(self.batcher.next_batch(), self.tok.pad_token_id) for _ in range(cfg.grad_accum)]
+        counts = [trained_tokens(b["labels"]) for b in batches]
+        n_total = max(1, sum(counts))
+        loss_sum = 0.0
+        for b, n in zip(batches, counts, strict=True):
+            # Weighted by trained tokens, so G micro-batches give the gradient of one batch G times larger.
+            loss = batch_loss(self.model, b, self.device, self.trainable.batch_kwargs)
+            if not torch.isfinite(loss):
+                self.stop(self.step + 1, f"the loss is {float(loss.detach())}")
+            (loss * (n / n_total)).backward()
+            loss_sum += float(loss.detach()) * n / n_total
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            self.stop(self.step + 1, f"the gradient norm is {grad_norm}")
+        lr = lr_at(self.step, cfg.lr, self.warmup, self.total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.loss = loss_sum
+        n_inputs = sum(int((b["input_ids"] != self.tok.pad_token_id).sum()) for b in batches)
+        self.tokens += n_inputs
+        return lr, grad_norm, n_inputs
+
+    def stop(self, step: int, what: str) -> None:
+        where = (f"the last good checkpoint is {self.last_saved} (continue with --resume and a lower --lr)"
+                 if self.last_saved else "no checkpoint was written before it")
+        raise LoraForgeError(f"step {step}: {what}, so training stopped; {where}")
+
+    def epoch(self) -> float:
+        return self.batcher.epoch + self.batcher.step / len(self.batcher)
+
+    # -- evaluation, checkpoints, outputs -------------------------------------------------------------------
+    def evaluate(self) -> None:
+        self.last_eval_step = self.step
+        if self.val_examples:
+            self.val_loss = mean_loss(self.model, self.val_examples, self.tok.pad_token_id, self.cfg.batch_size,
+                                      self.trainable.batch_kwargs)
+            if not math.isfinite(self.val_loss):
+                self.stop(self.step, f"the validation loss is {self.val_loss}")
+            best = self.best_val is None or self.val_loss < self.best_val
+            self.metrics.append({"step": self.step, "val_loss": self.val_loss,
+                                 "val_perplexity": perplexity(self.val_loss), "best": best})
+            log.info("step %d: train loss %.4f, validation loss %.4f (perplexity %.2f)%s", self.step, self.loss,
+                     self.val_loss, perplexity(self.val_loss), ", best so far" if best else "")
+            if best:
+                self.best_val = self.val_loss
+                self.trainable.save(self.out / "best")
+        self.plot()
+
+    def save(self) -> None:
+        state = {"sampler": self.batcher.state_dict(), "tokens": self.tokens, "best_val_loss": self.best_val,
+                 "loss": self.loss, "val_loss": self.val_loss,
+                 "schedule": {"lr": self.cfg.lr, "warmup": self.warmup, "total": self.total},
+                 "config": self.cfg.to_dict()}
+        self.last_saved = ckpt.save_checkpoint(self.out, self.step, self.trainable.params, self.optimizer, state,
+                                               self.cfg.keep_checkpoints)
+        if os.environ.get(KILL_ENV) == str(self.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def plot(self) -> None:
+        title = f"{self.cfg.method} r={self.cfg.rank}, lr={self.cfg.lr:g}, {Path(self.cfg.data).name}"
+        plot_losses(self.out / "loss.png", self.metrics.train_losses(), self.metrics.val_losses(), title)
+
+    def write_adapter(self) -> None:
+        """Put the adapter's files into DIR beside the run's other files, each by an atomic rename."""
+        tmp = self.out / ".adapter.tmp"
+        self.trainable.save(tmp)
+        files = sorted(tmp.iterdir(), key=lambda p: p.suffix == ".json")  # the config last: it marks completion
+        for f in files:
+            os.replace(f, self.out / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- setup ------------------------------------------------------------------------------------------------------
+def _check_out_dir(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh). A fresh run refuses to mix into an old one."""
+    if resume:
+        ckpt.remove_stale(out)
+        last = ckpt.latest_checkpoint(out)
+        if last is None:
+            log.warning("%s: no checkpoint to resume from; starting from scratch", out)
+        return last
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LoraForgeError(f"{out}: already exists and is not empty; pass --resume to continue that run, "
+                             "or choose another --out")
+    return None
+
+
+def _check_resumable(path: Path, cfg: TrainConfig) -> None:
+    def same(key: str, a, b) -> bool:
+        if key in ("data", "val", "model") and a and b:  # the same file, however it was spelled
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    old = ckpt.read_state(path).get("config", {})
+    changed = [k for k in RESUME_FIXED if k in old and not same(k, old[k], getattr(cfg, k))]
+    if changed:
+        k = changed[0]
+        raise LoraForgeError(f"--resume: {k} was {old[k]!r} in {path}, this run has {getattr(cfg, k)!r}; "
+                             "resume with the same settings (or train into a new --out)")
+
+
+def _read_data(cfg: TrainConfig):
+    from ..data import read_records, split_records
+
+    records = read_records(cfg.data, cfg.format, cfg.skip_bad_lines)
+    if cfg.val:
+        val = read_records(cfg.val, cfg.format, cfg.skip_bad_lines)
+        return records, val
+    if cfg.val_split > 0 and len(records) < 2:
+        log.warning("%s: a single record; training without validation", cfg.data)
+        return records, []
+    return split_records(records, cfg.val_split, seed=cfg.seed)
+
+
+def _encode(cfg: TrainConfig, tok, train_records, val_records):
+    from ..data import encode_records, pack_examples
+
+    examples = encode_records(train_records, tok, cfg.max_len, cfg.train_on_prompt)
+    if not examples:
+        raise LoraForgeError(f"{cfg.data}: no record has a trained token within max_len={cfg.max_len}")
+    rows = pack_examples(examples, cfg.max_len) if cfg.pack else examples
+    val = encode_records(val_records, tok, cfg.max_len, cfg.train_on_prompt) if val_records else []
+    return rows, val
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
