@@ -103,3 +103,13 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
     assert lrs[mid] == pytest.approx(base / 2)  # cosine: half-way down at half the decay
     assert 0 < lrs[-1] < base * 1e-3
     assert lr_at(0, base, 0, 5) == base and math.isclose(lr_at(4, base, 0, 5), base * 0.5 * (1 + math.cos(math.pi * 0.8)))
+
+
+def test_learning_rate_defaults_per_method_and_explicit_wins():
+    from loraforge.train.config import TrainConfig
+
+    assert TrainConfig(method="lora").lr == 2e-4
+    assert TrainConfig(method="qlora").lr == 2e-4
+    assert TrainConfig(method="prefix").lr == 3e-2
+    assert TrainConfig(method="prefix", prefix_projection=True).lr == 1e-3
+    assert TrainConfig(method="prefix", lr=5e-3).lr == 5e-3

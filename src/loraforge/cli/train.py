@@ -52,7 +52,8 @@ def register(p):
     length = g.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, default=S, metavar="N", help="optimizer steps")
     length.add_argument("--epochs", type=float, default=S, metavar="E", help="passes over the data (default: 1)")
-    g.add_argument("--lr", type=float, default=S, help="peak learning rate" + dflt(d.lr))
+    g.add_argument("--lr", type=float, default=S, help="peak learning rate (default: 2e-4 for lora/qlora, 3e-2 for prefix, 1e-3 for prefix "
+                   "with --prefix-projection)")
     g.add_argument("--batch-size", type=int, default=S, metavar="B", help="rows per micro-batch" + dflt(d.batch_size))
     g.add_argument("--grad-accum", type=int, default=S, metavar="G",
                    help="micro-batches per optimizer step" + dflt(d.grad_accum))

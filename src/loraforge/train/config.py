@@ -21,6 +21,15 @@ METHODS = ("lora", "qlora", "prefix")
 DATA_FORMATS = ("chat", "alpaca", "completion", "text")  # loraforge.data.FORMATS, without importing it
 
 
+def default_lr(method: str, prefix_projection: bool = False) -> float:
+    """Peak learning rate by method. A bare prefix table sits far from the gradient's useful scale: on the
+    embedded model 12 steps moved the pirate validation loss 3.47 -> 3.37 at 2e-4 but -> 1.97 at 3e-2;
+    through the MLP reparameterisation 1e-3 does as well. LoRA's 2e-4 is the QLoRA paper's setting."""
+    if method == "prefix":
+        return 1e-3 if prefix_projection else 3e-2
+    return 2e-4
+
+
 @dataclass
 class TrainConfig:
     data: str | None = None  # training file: .jsonl, .json, .csv or .parquet
@@ -39,7 +48,7 @@ class TrainConfig:
     # optimisation
     max_steps: int | None = None  # optimizer steps; give this or epochs (default: 1 epoch)
     epochs: float | None = None
-    lr: float = 2e-4
+    lr: float | None = None  # default per method: default_lr()
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int | None = None  # default: 5% of the steps
@@ -66,6 +75,8 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        if self.lr is None:
+            self.lr = default_lr(self.method, self.prefix_projection)
         self._validate()
 
     def _validate(self) -> None:
