@@ -35,6 +35,20 @@ examples:
 """
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already speaks of its default, or there is
+    none worth saying (None, False, or suppressed)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS or action.nargs == 0:
+            return text
+        if action.option_strings or action.nargs in ("?", "*"):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraforge",
@@ -53,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command not built yet
             raise
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         mod.register(p)
         p.set_defaults(_run=mod.run)
     return parser
