@@ -16,6 +16,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: a second thread only adds synchronisation cost
+    (a lot of it when the two cores are shared with other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smol_folder() -> Path:
     """The embedded SmolLM2-135M-Instruct as a Hugging Face folder (converted once into the cache)."""

@@ -13,14 +13,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(5, 14), (33, 30), (300, 257), (1, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation (and a lot of it when the
-    # 2 cores are shared with other jobs).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

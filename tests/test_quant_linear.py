@@ -14,13 +14,7 @@ from loraforge.quant import QuantLinear, dequantize, quantize, quantize_linears,
 QUANT_TYPES = ["nf4", "fp4", "int8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation cost.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:
