@@ -246,3 +246,18 @@ def test_lora_only_operations_refuse_a_prefix_adapter(tiny, tmp_path):
         with pytest.raises(LoraForgeError, match="'p' is a prefix adapter, not LoRA"):
             call()
     assert registry(model).merged is None and not (tmp_path / "x").exists()
+
+
+def test_mixed_batch_where_some_rows_adapter_is_not_on_a_layer(tiny):
+    """Rows in group order with a short group: the padded rows must not leak into the output."""
+    model, _ = tiny
+    add_lora(model, "a", LoraConfig(r=4, targets=["q_proj"]))
+    add_lora(model, "b", LoraConfig(r=2, targets=["v_proj"]))
+    randomize(model, "a", 1)
+    randomize(model, "b", 2)
+    rows = ["b", None, "a"]
+    with torch.no_grad():
+        mixed = model(IDS, adapter_ids=adapter_ids_for(model, rows))
+        for i, name in enumerate(rows):
+            set_adapter(model, name)
+            torch.testing.assert_close(mixed[i:i + 1], model(IDS[i:i + 1]), atol=1e-4, rtol=1e-5)

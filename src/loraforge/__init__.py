@@ -11,8 +11,8 @@ from .errors import LoraForgeError
 from .generate import SamplingParams, generate
 from .lora import (
     LoraConfig,
-    add_lora,
     adapter_ids_for,
+    add_lora,
     delete_adapter,
     disable_adapter,
     load_adapter,

@@ -1,8 +1,8 @@
 from .config import LoraConfig
 from .layer import LoraLinear
 from .model import (
-    add_lora,
     adapter_ids_for,
+    add_lora,
     delete_adapter,
     disable_adapter,
     get_adapter_params,

@@ -1,0 +1,146 @@
+"""Turn the workers' raw results into results.json (ratios: below 1 means loraforge is faster/smaller)
+and one printed table."""
+
+from __future__ import annotations
+
+from .floor import gen_flops, step_flops
+from .setting import Setting
+
+LOSS_TOL = 1e-4
+TARGETS = {  # key -> most it may be
+    "lora_step_ratio_vs_peft": 0.6,
+    "qlora_step_ratio_vs_peft_bnb": 0.7,
+    "lora_peak_rss_ratio_vs_peft": 0.5,
+    "qlora_peak_rss_ratio_vs_peft_bnb": 0.5,
+}
+
+
+def _ok(r: dict | None) -> bool:
+    return bool(r) and "error" not in r and "pending" not in r
+
+
+def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+    return a[key] / b[key] if _ok(a) and _ok(b) else None
+
+
+def build(raw: dict[str, dict], s: Setting, machine: dict) -> dict:
+    rate = raw.get("matmul_rate", {})
+    flops = step_flops(s, rate.get("dims")) if _ok(rate) else None
+    floor_s = sum(flops.values()) / (rate["gflops"] * 1e9) if flops else None
+    lo, lp = raw.get("lora_ours"), raw.get("lora_peft")
+    qo, qp = raw.get("qlora_ours"), raw.get("qlora_peft_bnb")
+    loss = None
+    if _ok(lo) and _ok(lp):
+        diffs = [abs(a - b) for a, b in zip(lo["losses"], lp["losses"], strict=False)]
+        loss = {"ours": lo["losses"][0], "peft": lp["losses"][0], "abs_diff": diffs[0],
+                "max_abs_diff_all_steps": max(diffs), "ok": diffs[0] <= LOSS_TOL}
+    out = {
+        "lora_step_ratio_vs_peft": _ratio(lo, lp, "step_s"),
+        "qlora_step_ratio_vs_peft_bnb": _ratio(qo, qp, "step_s"),
+        "lora_peak_rss_ratio_vs_peft": _ratio(lo, lp, "peak_rss"),
+        "qlora_peak_rss_ratio_vs_peft_bnb": _ratio(qo, qp, "peak_rss"),
+        "lora_step_over_floor": lo["step_s"] / floor_s if _ok(lo) and floor_s else None,
+        "first_step_loss": loss,
+        "floor": {"step_flops": flops, "matmul_gflops": rate.get("gflops"), "step_s": floor_s,
+                  "matmul_per_shape_gflops": rate.get("per_shape")},
+        "setting": s.to_json(),
+        "machine": machine,
+        "systems": raw,
+    }
+    out["targets"] = {k: {"value": out[k], "at_most": t, "met": out[k] is not None and out[k] <= t}
+                      for k, t in TARGETS.items()}
+    return out
+
+
+def _gb(x) -> str:
+    return f"{x / 1e9:.2f}GB" if x else "-"
+
+
+def _row(cells) -> str:
+    widths = (12, 26, 16, 9, 9, 14, 7)
+    return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
+
+def table(res: dict) -> str:
+    s = Setting.from_json(res["setting"])
+    raw, floor = res["systems"], res["floor"]
+    floor_s, gflops = floor["step_s"], floor["matmul_gflops"]
+    lines = [_row(["row", "system", "s/step (best)", "tokens/s", "peak RSS", "vs anchor", "x floor"]), "-" * 104]
+
+    def train_row(label, key, anchor, name):
+        r = raw.get(key)
+        if not r:
+            return
+        if not _ok(r):
+            lines.append(_row([label, name, r.get("pending") and "pending" or "error", "", "", "",
+                               ""]) + "  " + (r.get("pending") or r.get("error", ""))[:80])
+            return
+        a = raw.get(anchor)
+        vs = f"{r['step_s'] / a['step_s']:.2f}x" if _ok(a) and anchor != key else "anchor"
+        mem = f" / {r['peak_rss'] / a['peak_rss']:.2f}x" if _ok(a) and anchor != key else ""
+        fl = f"{r['step_s'] / floor_s:.2f}" if floor_s else "-"
+        lines.append(_row([label, name, f"{r['step_s']:.2f} ({r['best_step_s']:.2f})", f"{r['tokens_per_s']:.0f}",
+                           _gb(r["peak_rss"]), vs + mem, fl]))
+
+    train_row("LoRA step", "lora_peft", "lora_peft", "PEFT")
+    train_row("LoRA step", "lora_ours", "lora_peft", "loraforge")
+    train_row("LoRA step", "lora_ours_ckpt", "lora_peft", "loraforge + checkpointing")
+    train_row("QLoRA step", "qlora_peft_bnb", "qlora_peft_bnb", "PEFT + bitsandbytes")
+    train_row("QLoRA step", "qlora_ours", "qlora_peft_bnb", "loraforge NF4")
+    for b in s.gen_batches:
+        anchor = raw.get("gen_peft", {}).get(f"b{b}")
+        for key, name in (("gen_peft", "PEFT"), ("gen_ours", "loraforge"), ("gen_ours_merged", "loraforge merged")):
+            r = raw.get(key)
+            if not r:
+                continue
+            if not _ok(r):
+                lines.append(_row([f"generate b={b}", name, "error"]) + "  " + r.get("error", "")[:80])
+                continue
+            g = r[f"b{b}"]
+            vs = "anchor" if key == "gen_peft" else (f"{anchor['s'] / g['s']:.2f}x tok/s" if anchor else "-")
+            same = ""
+            if anchor and key != "gen_peft":
+                n = len(anchor["ids"])
+                same = f" {sum(x == y for x, y in zip(g['ids'], anchor['ids'], strict=False))}/{n} same"
+            fl = f"{g['s'] / (gen_flops(s, b, floor_dims(res)) / (gflops * 1e9)):.1f}" if gflops else "-"
+            lines.append(_row([f"generate b={b}", name, f"{g['s']:.2f} s", f"{g['tokens_per_s']:.1f}",
+                               _gb(r.get("peak_rss")), vs, fl]) + same)
+    qb, qo = raw.get("quant_bnb"), raw.get("quant_ours")
+    for key, name in (("quant_bnb", "bitsandbytes"), ("quant_ours", "loraforge.quant")):
+        r = raw.get(key)
+        if not r:
+            continue
+        if not _ok(r):
+            lines.append(_row(["NF4 quant", name, "pending" if r.get("pending") else "error"]) + "  "
+                         + (r.get("pending") or r.get("error", ""))[:80])
+            continue
+        vs = "anchor" if key == "quant_bnb" else (
+            f"{r['quantize_mparams_per_s'] / qb['quantize_mparams_per_s']:.2f}x / "
+            f"{r['dequantize_mparams_per_s'] / qb['dequantize_mparams_per_s']:.2f}x" if _ok(qb) else "-")
+        lines.append(f"{'NF4 quant':<12}  {name:<24}  quantize {r['quantize_mparams_per_s']:.0f} M/s, dequantize "
+                     f"{r['dequantize_mparams_per_s']:.0f} M/s, rel RMSE {r['rel_rmse']:.5f}, "
+                     f"{r['bits_per_param']:.3f} bits/param  ({vs})")
+    if _ok(qb) and _ok(qo):
+        lines.append(f"{'':<12}  dequantized weights identical: {qb['checksum'] == qo['checksum']}")
+    lines.append("-" * 104)
+    if floor_s:
+        parts = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in floor["step_flops"].items())
+        lines.append(f"floor: {sum(floor['step_flops'].values()) / 1e9:.0f} GFLOP per step ({parts}) at "
+                     f"{gflops:.0f} GFLOP/s fp32 torch.mm ({s.threads} threads) = {floor_s:.2f} s/step")
+    loss = res.get("first_step_loss")
+    if loss:
+        lines.append(f"first-step loss: loraforge {loss['ours']:.6f}, PEFT {loss['peft']:.6f}, |diff| "
+                     f"{loss['abs_diff']:.1e} ({'ok' if loss['ok'] else 'MISMATCH'}, tolerance {LOSS_TOL:g}); "
+                     f"max over all steps {loss['max_abs_diff_all_steps']:.1e}")
+    for k, t in res["targets"].items():
+        v = t["value"]
+        lines.append(f"target {k} <= {t['at_most']}: " + ("n/a" if v is None else
+                                                           f"{v:.2f} {'met' if t['met'] else 'NOT met'}"))
+    m = res["machine"]
+    lines.append(f"machine: {m.get('cpu', '?')}, load average {m.get('loadavg_start', 0):.1f} at start, "
+                 f"{m.get('loadavg_end', 0):.1f} at end (other processes slow every row down)")
+    return "\n".join(lines)
+
+
+def floor_dims(res: dict) -> dict | None:
+    return (res["systems"].get("matmul_rate") or {}).get("dims")

@@ -1,0 +1,112 @@
+"""Training-step workers: loraforge vs PEFT (LoRA) and vs PEFT + bitsandbytes (QLoRA).
+
+Both sides get the same model weights, the same batches and the same initial A/B (``lora_init``), run
+AdamW on the adapter only, and report per-step wall time, the losses (for the parity check) and memory:
+the peak while loading and the peak while training (VmHWM reset in between).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .setting import TARGETS, Setting, StepTimer, batches, lora_init, reset_peak_rss, rss_bytes, setup_process
+
+
+def _train(s: Setting, model, forward, params, load_peak: int) -> dict:
+    """Run `s.steps` AdamW steps of `forward(ids) -> loss`; time and measure them."""
+    opt = torch.optim.AdamW(params, lr=s.lr)
+    after_load = rss_bytes()["rss"]
+    reset_peak_rss()
+    timer, losses = StepTimer(), []
+    for ids in batches(s, model.config.vocab_size):
+        if s.lockstep:
+            sys.stdin.readline()  # the runner's go-ahead
+        with timer:
+            loss = forward(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if s.lockstep:
+            print("step-done", flush=True)
+    train_peak = rss_bytes()["peak"]
+    return {
+        "step_s": timer.median(s.timed_from),
+        "best_step_s": min(timer.wall[s.timed_from - 1:]),
+        "steps_wall": timer.wall,
+        "steps_cpu": timer.cpu,
+        "losses": losses,
+        "tokens_per_s": s.batch * s.seq / timer.median(s.timed_from),
+        "rss_after_load": after_load,
+        "load_peak_rss": load_peak,
+        "train_peak_rss": train_peak,
+        "peak_rss": max(load_peak, train_peak),
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def ours(s: Setting, quantize: str | None = None) -> dict:
+    from ..lora import LoraConfig, add_lora, lora_layers, set_trainable_params
+    from ..model import load_model
+
+    setup_process(s)
+    model, _ = load_model(s.model, device="cpu", dtype="float32", quantize=quantize)
+    load_peak = rss_bytes()["peak"]
+    add_lora(model, "bench", LoraConfig(r=s.r, alpha=s.alpha, dropout=0.0, targets=list(TARGETS)))
+    layers = dict(lora_layers(model))
+    init = lora_init({p: (m.out_features, m.in_features) for p, m in layers.items()}, s.r, s.seed)
+    with torch.no_grad():
+        for p, (A, B) in init.items():
+            layers[p].lora_A["bench"].copy_(A)
+            layers[p].lora_B["bench"].copy_(B)
+    params = set_trainable_params(model, "bench")
+    model.gradient_checkpointing = s.grad_checkpointing
+    model.train()
+    return _train(s, model, lambda ids: model(ids, labels=ids), params, load_peak)
+
+
+def peft(s: Setting, quantize: str | None = None) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .setting import model_folder
+
+    setup_process(s)
+    kw = {}
+    if quantize is not None:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+        kw["device_map"] = "cpu"
+    base = AutoModelForCausalLM.from_pretrained(str(model_folder(s)), dtype=torch.float32, **kw)
+    load_peak = rss_bytes()["peak"]
+    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    prefix = "base_model.model."
+    layers = {n[len(prefix):]: m for n, m in model.named_modules()
+              if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    shapes = {p: (m.lora_B["default"].out_features, m.lora_A["default"].in_features) for p, m in layers.items()}
+    with torch.no_grad():
+        for p, (A, B) in lora_init(shapes, s.r, s.seed).items():
+            layers[p].lora_A["default"].weight.copy_(A)
+            layers[p].lora_B["default"].weight.copy_(B)
+    if s.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _train(s, model, lambda ids: model(input_ids=ids, labels=ids).loss, params, load_peak)
+
+
+def ours_qlora(s: Setting) -> dict:
+    try:
+        return ours(s, quantize="nf4")
+    except ImportError as e:  # the quant package's loader has not landed yet
+        return {"pending": f"load_model(quantize='nf4') unavailable ({e})"}
+
+
+def peft_qlora(s: Setting) -> dict:
+    return peft(s, quantize="nf4")

@@ -1,0 +1,58 @@
+"""`loraforge serve`: one base model, many LoRA adapters, behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import LoraForgeError
+from .common import add_model_args, load_from_args, parse_named_adapters
+
+log = logging.getLogger("loraforge")
+
+
+def register(p):
+    p.add_argument("--adapter", metavar="NAME=DIR", action="append", default=[],
+                   help="load a LoRA adapter folder at start under NAME (repeatable); requests pick it with "
+                        "model=NAME")
+    p.add_argument("--adapters-dir", metavar="DIR", default=None,
+                   help="allow POST /v1/load_lora_adapter to load folders from inside DIR (off without it)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 endpoint")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="context length per sequence, prompt + completion (capped by the model's)")
+    add_model_args(p)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    try:
+        import uvicorn
+    except ModuleNotFoundError:
+        raise LoraForgeError("serve needs FastAPI and uvicorn: pip install 'loraforge[serve]'") from None
+    from ..serve.app import create_app
+    from ..serve.engine import Engine
+
+    if args.adapters_dir is not None and not Path(args.adapters_dir).is_dir():
+        raise LoraForgeError(f"--adapters-dir {args.adapters_dir}: no such folder")
+    if not 1 <= args.max_batch <= 1024:
+        raise LoraForgeError(f"--max-batch must be between 1 and 1024, got {args.max_batch}")
+    if args.max_model_len < 2:
+        raise LoraForgeError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    adapters = parse_named_adapters(args.adapter)
+    model, tok = load_from_args(args)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_model_len)
+    for name, path in adapters:
+        try:
+            engine.load_adapter(name, path)
+        except LoraForgeError as e:
+            raise LoraForgeError(f"--adapter {name}={path}: {e}") from None
+        log.info("adapter %s loaded from %s", name, path)
+    app = create_app(engine, api_key=args.api_key, adapters_dir=args.adapters_dir)
+    log.info("serving %s with %d adapters on http://%s:%d (API docs at /docs)", engine.base_name,
+             len(engine.adapters), args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,281 @@
+"""The OpenAI-compatible HTTP API (FastAPI) in front of an Engine; OpenAPI page at /docs.
+
+The request's ``model`` field picks the adapter: the base model's name runs the bare base, a loaded
+adapter's name runs that adapter (vLLM's and LoRAX's convention). Adapters are hot-loaded with vLLM's
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, only from inside ``adapters_dir``.
+Every error, including FastAPI's own validation errors, is answered in OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import LoraForgeError
+from ..generate import SamplingParams
+from .engine import Engine, StepOutput
+from .errors import ServeError
+from .runner import EngineThread
+from .schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ErrorResponse,
+    LoadLoraRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    TextCompletion,
+    UnloadLoraRequest,
+    Usage,
+)
+
+log = logging.getLogger("loraforge")
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409)}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {
+        "message": message, "type": ServeError(message, status).type, "param": param, "code": code}})
+
+
+def resolve_inside(root: Path, lora_path: str) -> Path:
+    """`lora_path` (relative to `root`, or absolute) resolved with symlinks; 403 if it leaves `root`."""
+    try:
+        root = root.resolve(strict=True)
+        raw = Path(lora_path)
+        path = (root / raw).resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ServeError(f"lora_path {lora_path!r} is not a usable path ({e})", param="lora_path") from None
+    if ".." in raw.parts or not path.is_relative_to(root):
+        raise ServeError(f"lora_path {lora_path!r} is outside the server's adapters directory", status=403,
+                         param="lora_path")
+    return path
+
+
+def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+    try:
+        return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(body.top_k, 0), seed=body.seed, stop=body.stop_list())
+    except LoraForgeError as e:
+        raise ServeError(str(e)) from None
+
+
+def sse(chunk) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str | Path | None = None) -> FastAPI:
+    runner = EngineThread(engine)
+    started = int(time.time())
+    adapters_root = Path(adapters_dir) if adapters_dir is not None else None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        runner.start()
+        try:
+            yield
+        finally:
+            runner.stop()
+
+    app = FastAPI(title="loraforge", summary="one base model, many LoRA adapters, OpenAI-compatible API",
+                  lifespan=lifespan)
+    app.state.engine, app.state.runner = engine, runner
+
+    # -- errors ---------------------------------------------------------------------------------------------
+    @app.exception_handler(ServeError)
+    async def _serve_error(_req: Request, e: ServeError):
+        return error_response(e.status, str(e), e.param, e.code)
+
+    @app.exception_handler(LoraForgeError)
+    async def _user_error(_req: Request, e: LoraForgeError):
+        return error_response(400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, e: RequestValidationError):
+        # FastAPI answers 422 with its own shape; OpenAI clients expect 400 and {"error": ...} naming the field.
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON ({err.get('msg')})")
+        if not loc:
+            return error_response(400, f"the request body must be a JSON object ({err.get('msg')})")
+        return error_response(400, f"{'.'.join(loc)}: {err.get('msg')}", param=loc[0])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(_req: Request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(500, f"internal server error ({type(e).__name__})")
+
+    # -- auth -----------------------------------------------------------------------------------------------
+    bearer = HTTPBearer(auto_error=False)
+
+    async def check_key(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if api_key is None:
+            return
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), api_key.encode()):
+            raise ServeError("missing or wrong API key: send the header 'Authorization: Bearer KEY'", status=401,
+                             code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=ERRORS)
+
+    # -- models and adapters --------------------------------------------------------------------------------
+    @v1.get("/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        cards = [ModelCard(id=engine.base_name, created=started, root=engine.base_name)]
+        cards += [ModelCard(id=n, created=started, root=p, parent=engine.base_name)
+                  for n, p in sorted(engine.adapters.items())]
+        return ModelList(data=cards)
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest) -> dict:
+        """Load a PEFT LoRA folder from inside the server's --adapters-dir under `lora_name`."""
+        if adapters_root is None:
+            raise ServeError("loading adapters at run time is off: start the server with --adapters-dir DIR",
+                             status=403, param="lora_path")
+        path = resolve_inside(adapters_root, body.lora_path)
+        try:
+            await runner.call(engine.load_adapter, body.lora_name, path)
+        except ServeError:
+            raise
+        except LoraForgeError as e:
+            raise ServeError(f"lora_path {body.lora_path!r}: {e}", param="lora_path") from None
+        return {"object": "lora_adapter", "lora_name": body.lora_name, "status": "loaded"}
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest) -> dict:
+        """Unload an adapter; requests already running on it finish first, new ones get 404."""
+        await runner.unload(body.lora_name)
+        return {"object": "lora_adapter", "lora_name": body.lora_name, "status": "unloaded"}
+
+    # -- generation -----------------------------------------------------------------------------------------
+    async def collect(rid: str, q) -> tuple[str, StepOutput]:
+        parts, done = [], False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, ServeError):
+                    done = True
+                    raise item
+                parts.append(item.text)
+                if item.finish_reason is not None:
+                    done = True
+                    return "".join(parts), item
+        finally:
+            if not done:  # the client went away: free the slot
+                runner.abort(rid)
+
+    def usage(o: StepOutput) -> Usage:
+        return Usage(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+                     total_tokens=o.prompt_tokens + o.completion_tokens)
+
+    async def stream(rid: str, q, first, make_chunk, include_usage: bool) -> AsyncIterator[str]:
+        done = False
+        try:
+            if first is not None:
+                yield sse(first)
+            while True:
+                item = await q.get()
+                if isinstance(item, ServeError):
+                    done = True
+                    yield f"data: {ErrorResponse(error={'message': str(item), 'type': item.type}).model_dump_json()}\n\n"
+                    break
+                if item.text or item.finish_reason is not None:
+                    yield sse(make_chunk(item.text, item.finish_reason, None))
+                if item.finish_reason is not None:
+                    done = True
+                    if include_usage:
+                        yield sse(make_chunk(None, None, usage(item)))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:
+                runner.abort(rid)
+
+    @v1.post("/chat/completions", response_model=ChatCompletion)
+    async def chat_completions(body: ChatCompletionRequest):
+        """Chat completion, streamed as server-sent events with `stream: true`."""
+        adapter = engine.resolve_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = await run_in_threadpool(engine.encode, messages, True)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_len - len(ids))
+        rid, q = runner.submit(ids, sampling_params(body, max_tokens), adapter)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text, reason, use):
+                choices = [] if use is not None else [ChatChunkChoice(delta=Delta(content=text), finish_reason=reason)]
+                return ChatCompletionChunk(id=cid, created=created, model=body.model, choices=choices, usage=use)
+
+            first = ChatCompletionChunk(id=cid, created=created, model=body.model,
+                                        choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(rid, q, first, chunk, include), media_type="text/event-stream")
+        text, last = await collect(rid, q)
+        return ChatCompletion(id=cid, created=created, model=body.model, usage=usage(last), choices=[
+            ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)])
+
+    @v1.post("/completions", response_model=TextCompletion)
+    async def completions(body: CompletionRequest):
+        """Plain-text completion of `prompt` (no chat template), streamed with `stream: true`."""
+        adapter = engine.resolve_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ServeError("prompt: one prompt per request (a list of strings is not supported)",
+                                 param="prompt")
+            prompt = prompt[0]
+        ids = list(prompt) if isinstance(prompt, list) else await run_in_threadpool(engine.encode, prompt, False)
+        max_tokens = body.max_tokens or 16
+        rid, q = runner.submit(ids, sampling_params(body, max_tokens), adapter)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text, reason, use):
+                choices = [] if use is not None else [CompletionChoice(text=text or "", finish_reason=reason)]
+                return TextCompletion(id=cid, created=created, model=body.model, choices=choices, usage=use)
+
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(rid, q, None, chunk, include), media_type="text/event-stream")
+        text, last = await collect(rid, q)
+        return TextCompletion(id=cid, created=created, model=body.model, usage=usage(last), choices=[
+            CompletionChoice(text=text, finish_reason=last.finish_reason)])
+
+    app.include_router(v1)
+
+    # -- operations -----------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        alive = runner.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics(format: str = "prometheus"):
+        """Counters as Prometheus text, or as JSON with `?format=json`."""
+        if format == "json":
+            return engine.metrics.snapshot()
+        return PlainTextResponse(engine.metrics.prometheus(), media_type="text/plain; version=0.0.4")
+
+    return app

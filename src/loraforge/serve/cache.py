@@ -1,0 +1,102 @@
+"""A fixed pool of KV-cache slots, one per running sequence, for continuous batching.
+
+Storage is ``k, v: [L, slots, Hkv, T_max, D]`` and each slot has its own length. Running sequences always
+occupy slots ``0 .. n-1`` (a leaving sequence's slot is refilled by moving the last one into it), so a
+decode step reads ``k[layer, :n, :, :T]``, a view, instead of gathering rows every layer.
+
+The model talks to a cache through ``update(layer, k, v)``, ``length``, ``advance(S)`` and
+``attention_mask(S)``; ``prefill_view`` and ``decode_view`` return small objects with that interface for
+one forward: a prefill writes one sequence into its own slot, a decode step appends one token to every
+running slot at its own position. A prefix adapter would later join as the first P positions of a slot.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class SlotCache:
+    def __init__(self, n_layers: int, slots: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+        # k/v: [L, slots, Hkv, T_max, D]
+        self.k = torch.zeros(n_layers, slots, n_kv, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = [0] * slots  # cached positions per slot
+        self.slots, self.max_len = slots, max_len
+
+    @classmethod
+    def for_model(cls, model, slots: int, max_len: int) -> SlotCache:
+        cfg = model.config
+        emb = model.model.embed_tokens.weight
+        return cls(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim, emb.dtype, emb.device)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s cached positions into slot `dst` (to keep running slots contiguous)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def prefill_view(self, slot: int) -> _PrefillView:
+        self.lengths[slot] = 0
+        return _PrefillView(self, slot)
+
+    def decode_view(self, n: int) -> _DecodeView:
+        return _DecodeView(self, n)
+
+
+class _PrefillView:
+    """One sequence's prompt written into its slot from position 0; attention is plain causal."""
+
+    length = 0
+
+    def __init__(self, cache: SlotCache, slot: int):
+        self.c, self.slot = cache, slot
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # k/v: [1, Hkv, S, D]
+        S, s = k.shape[2], self.slot
+        self.c.k[layer, s:s + 1, :, :S] = k
+        self.c.v[layer, s:s + 1, :, :S] = v
+        return k, v
+
+    def advance(self, n: int) -> None:
+        self.c.lengths[self.slot] = n
+
+    def attention_mask(self, S: int) -> None:  # noqa: ARG002 - causal over the prompt alone
+        return None
+
+
+class _DecodeView:
+    """One new token for each of the running slots 0 .. n-1, each at its own position."""
+
+    def __init__(self, cache: SlotCache, n: int):
+        self.c, self.n = cache, n
+        lengths = cache.lengths[:n]
+        dev = cache.k.device
+        self.pos = torch.tensor(lengths, dtype=torch.long, device=dev)  # [n]: where each new key goes
+        self.rows = torch.arange(n, device=dev)
+        self.T = max(lengths) + 1
+        if self.T > cache.max_len:
+            raise ValueError(f"KV cache slot full: {self.T} positions > {cache.max_len}")
+
+    @property
+    def length(self) -> int:
+        return self.T - 1
+
+    def positions(self) -> Tensor:
+        return self.pos[:, None]  # [n, 1]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # k/v: [n, Hkv, 1, D] -> written at (slot b, position pos[b]); returns [n, Hkv, T, D] views
+        self.c.k[layer, self.rows, :, self.pos] = k[:, :, 0]
+        self.c.v[layer, self.rows, :, self.pos] = v[:, :, 0]
+        return self.c.k[layer, : self.n, :, : self.T], self.c.v[layer, : self.n, :, : self.T]
+
+    def advance(self, n: int) -> None:
+        for b in range(self.n):
+            self.c.lengths[b] += n
+
+    def attention_mask(self, S: int = 1) -> Tensor:  # noqa: ARG002 - always one query per row
+        # [n, 1, 1, T] bool: row b sees its own keys 0 .. pos[b]; the rest of the slot is stale or empty
+        return (torch.arange(self.T, device=self.pos.device)[None, :] <= self.pos[:, None])[:, None, None, :]

@@ -1,0 +1,348 @@
+"""The serving engine: one base model, many LoRA adapters, continuous batching over a slot KV cache.
+
+    engine = Engine(model, tokenizer, max_batch=16)
+    engine.load_adapter("pirate", "runs/pirate")
+    rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=32), adapter="pirate")
+    while engine.has_unfinished():
+        for out in engine.step(): ...      # StepOutput: new text and tokens per request, finish_reason at the end
+
+Each ``step()`` first admits waiting requests into free slots (each prompt is prefilled alone into its own
+slot, which yields its first token), then runs one decode forward over every running sequence together:
+row b carries its own position, its own key mask and its own adapter id, so requests for different
+adapters share one forward (the LoRA layers compute the base projection once and each row's low-rank
+delta apart). Finished sequences leave the batch at the end of the step; their slot is reused.
+
+Threading: ``add_request`` and ``abort`` may be called from any thread. ``step``, ``load_adapter`` and
+``unload_adapter`` change the model or the cache and must run on one thread, the engine loop's
+(``runner.EngineThread``), or before that loop starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters import adapter_kind, attach_adapter
+from ..generate import SamplingParams, encode_prompt, stop_token_ids
+from ..lora import delete_adapter, registry
+from .cache import SlotCache
+from .errors import ServeError
+from .metrics import Metrics
+from .sampling import sample_batch
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # None = the base model
+    # engine state
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output so far (stop strings cut off)
+    sent: int = 0  # characters of `text` already handed out
+    slot: int = -1
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    text: str  # new text since the last output of this request
+    token_ids: list[int]  # new tokens since the last output
+    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None,
+                 metrics: Metrics | None = None):
+        if max_batch < 1:
+            raise ServeError(f"max_batch must be at least 1, got {max_batch}", param="max_batch")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch = max_batch
+        self.max_len = min(max_len or 2048, model.config.max_position_embeddings)
+        self.base_name = str(getattr(model, "name_or_path", "base"))
+        self.device = model.inv_freq.device
+        self.cache = SlotCache.for_model(model, max_batch, self.max_len)
+        self.eos = stop_token_ids(model, tokenizer)
+        self.metrics = metrics or Metrics()
+        self.adapters: dict[str, str] = {}  # name -> folder it was loaded from
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: list[GenerationRequest] = []  # running[i] sits in cache slot i
+        self._lock = threading.Lock()  # guards inbox, aborts, adapters' use counts and draining
+        self._inbox: deque[GenerationRequest] = deque()
+        self._aborts: set[str] = set()
+        self._in_use: Counter[str] = Counter()
+        self._draining: set[str] = set()
+        self._ids = itertools.count()
+        # A fast tokenizer may refuse to be used from two threads at once ("Already borrowed").
+        self._tok_lock = threading.Lock()
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Attach the LoRA folder at `path` as `name`. Engine thread only (it changes the model)."""
+        if not name or "." in name or "/" in name:
+            raise ServeError(f"lora_name {name!r} must be non-empty and contain no '.' or '/'", param="lora_name")
+        if name == self.base_name or name in self.adapters:
+            raise ServeError(f"lora_name {name!r} is already in use; unload it first or pick another name",
+                             param="lora_name")
+        kind = adapter_kind(path)
+        if kind != "LORA":
+            # Prefix adapters would enter as the first P cached positions of a slot; not wired in yet.
+            raise ServeError(f"{path}: a {kind} adapter; the server serves LoRA adapters only for now",
+                             param="lora_path")
+        attach_adapter(self.model, path, name, activate=False)
+        self.adapters[name] = str(path)
+        self.metrics.adapters_loaded = len(self.adapters)
+
+    def begin_unload(self, name: str) -> None:
+        """Refuse new requests for `name` from now on; `unload_adapter` succeeds once its requests finish."""
+        with self._lock:
+            if name not in self.adapters or name in self._draining:
+                raise ServeError(f"no adapter named {name!r} is loaded", status=404, param="lora_name",
+                                 code="model_not_found")
+            self._draining.add(name)
+
+    def adapter_busy(self, name: str) -> bool:
+        with self._lock:
+            return self._in_use[name] > 0
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter `name` from the model. Engine thread only; refuses while requests still use it."""
+        with self._lock:
+            if name not in self.adapters:
+                raise ServeError(f"no adapter named {name!r} is loaded", status=404, param="lora_name",
+                                 code="model_not_found")
+            if self._in_use[name] > 0:
+                raise ServeError(f"adapter {name!r} has {self._in_use[name]} requests in flight", status=409,
+                                 param="lora_name")
+            delete_adapter(self.model, name)
+            del self.adapters[name]
+            self._draining.discard(name)
+            self.metrics.adapters_loaded = len(self.adapters)
+
+    def cancel_unload(self, name: str) -> None:
+        with self._lock:
+            self._draining.discard(name)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[dict], chat: bool) -> list[int]:
+        """Prompt token ids (chat messages go through the chat template). Any thread."""
+        with self._tok_lock:
+            try:
+                return encode_prompt(self.tokenizer, prompt, chat)
+            except Exception as e:  # noqa: BLE001 - a template rejecting odd messages is the user's input
+                field = "messages" if chat else "prompt"
+                raise ServeError(f"{field}: cannot be encoded ({type(e).__name__}: {e})", param=field) from None
+
+    def resolve_model(self, model: str | None) -> str | None:
+        """The adapter a request's `model` field names (None = the base); 404 for anything else."""
+        if model is None or model == self.base_name:
+            return None
+        with self._lock:
+            if model in self.adapters and model not in self._draining:
+                return model
+        names = ", ".join([self.base_name, *sorted(self.adapters)])
+        raise ServeError(f"The model {model!r} does not exist; available: {names}", status=404, param="model",
+                         code="model_not_found")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (any thread). Raises ServeError for a prompt that cannot fit or an unknown adapter."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ServeError("the prompt is empty", param="prompt")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if n + params.max_new_tokens > self.max_len:
+            raise ServeError(
+                f"This model's maximum context length is {self.max_len} tokens; the request needs "
+                f"{n + params.max_new_tokens} ({n} in the prompt, {params.max_new_tokens} to generate). "
+                "Shorten the prompt or lower max_tokens.", param="max_tokens" if n < self.max_len else "prompt",
+                code="context_length_exceeded")
+        rid = request_id or f"req-{next(self._ids)}"
+        req = GenerationRequest(rid, list(prompt_ids), params, adapter)
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        with self._lock:
+            if adapter is not None:
+                if adapter not in self.adapters or adapter in self._draining:
+                    raise ServeError(f"The model {adapter!r} does not exist", status=404, param="model",
+                                     code="model_not_found")
+                self._in_use[adapter] += 1
+            self._inbox.append(req)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self.waiting or self.running)
+
+    @property
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._inbox) + len(self.waiting)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests, run one decode step for the batch, retire finished requests."""
+        outs: list[StepOutput] = []
+        self._take_inbox(outs)
+        produced = 0
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting.popleft()
+            req.slot = len(self.running)
+            self.running.append(req)
+            logits = self._prefill(req)  # [1, V]
+            produced += self._emit(req, self._sample(logits, [req])[0], outs)
+        self._retire()
+        if self.running:
+            view = self.cache.decode_view(len(self.running))
+            ids = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)  # [B, 1]
+            logits = self.model(ids, positions=view.positions(), attention_mask=view.attention_mask(),
+                                adapter_ids=self._adapter_ids(self.running), cache=view)[:, -1]  # [B, V]
+            for req, tok in zip(self.running, self._sample(logits, self.running), strict=True):
+                produced += self._emit(req, tok, outs)
+            self._retire()
+        self.metrics.step(produced, self.queue_length, len(self.running))
+        return outs
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[Completion]:
+        """Run requests to completion on the calling thread (tests, benchmarks); results in input order.
+
+        Not for use while an EngineThread runs the loop; other requests' outputs are dropped meanwhile.
+        """
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        rids = [self.add_request(p, sp, a) for p, sp, a in zip(prompts, params, adapters, strict=True)]
+        texts = {r: [] for r in rids}
+        tokens = {r: [] for r in rids}
+        reasons: dict[str, str] = {}
+        while len(reasons) < len(rids):
+            for o in self.step():
+                if o.request_id not in texts:  # someone else's request: its outputs are dropped here
+                    continue
+                texts[o.request_id].append(o.text)
+                tokens[o.request_id] += o.token_ids
+                if o.finish_reason:
+                    reasons[o.request_id] = o.finish_reason
+        return [Completion("".join(texts[r]), tokens[r], reasons[r]) for r in rids]
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _take_inbox(self, outs: list[StepOutput]) -> None:
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return
+        for req in [r for r in self.waiting if r.request_id in aborts]:
+            self.waiting.remove(req)
+            self._finish(req, "abort", outs)
+        for req in self.running:
+            if req.request_id in aborts:
+                self._finish(req, "abort", outs)
+        self._retire()
+
+    def _adapter_ids(self, reqs: list[GenerationRequest]) -> torch.Tensor:
+        index = {n: i for i, n in enumerate(registry(self.model).names)}
+        return torch.tensor([-1 if r.adapter is None else index[r.adapter] for r in reqs], device=self.device)
+
+    def _prefill(self, req: GenerationRequest) -> torch.Tensor:
+        view = self.cache.prefill_view(req.slot)
+        ids = torch.tensor([req.prompt_ids], device=self.device)  # [1, S]
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        return self.model(ids, positions=positions, adapter_ids=self._adapter_ids([req]), cache=view,
+                          logits_to_keep=1)[:, -1]
+
+    def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest]) -> list[int]:
+        return sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def _emit(self, req: GenerationRequest, tok: int, outs: list[StepOutput]) -> int:
+        """Append one token to `req`; add its new text (and the end, if it ended) to `outs`."""
+        if req.finish_reason is not None:
+            return 0
+        req.output_ids.append(tok)
+        p = req.params
+        reason = None
+        if tok in self.eos:
+            reason = "stop"
+        with self._tok_lock:
+            text = self.tokenizer.decode([t for t in req.output_ids if t not in self.eos], skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in p.stop if s) if i >= 0]
+        if hits:  # the earliest stop string ends the text, and is not part of it
+            text, reason = text[:min(hits)], "stop"
+        req.text = text
+        if reason is None and (len(req.output_ids) >= p.max_new_tokens
+                               or len(req.prompt_ids) + len(req.output_ids) >= self.max_len):
+            reason = "length"
+        if reason is not None:
+            self._finish(req, reason, outs, new_tokens=[tok])
+            return 1
+        # Hold back text that might still become a stop string, or a half-decoded UTF-8 character.
+        hold = max((len(s) - 1 for s in p.stop), default=0)
+        upto = len(text) - hold
+        while upto > req.sent and text[upto - 1] == "\ufffd":
+            upto -= 1
+        delta = text[req.sent:upto] if upto > req.sent else ""
+        req.sent = max(req.sent, upto)
+        outs.append(StepOutput(req.request_id, delta, [tok], None, len(req.prompt_ids), len(req.output_ids)))
+        return 1
+
+    def _finish(self, req: GenerationRequest, reason: str, outs: list[StepOutput],
+                new_tokens: list[int] | None = None) -> None:
+        req.finish_reason = reason
+        outs.append(StepOutput(req.request_id, req.text[req.sent:], new_tokens or [], reason,
+                               len(req.prompt_ids), len(req.output_ids)))
+        req.sent = len(req.text)
+        with self._lock:
+            if req.adapter is not None:
+                self._in_use[req.adapter] -= 1
+        self.metrics.finished(len(req.prompt_ids), ok=reason != "abort")
+
+    def _retire(self) -> None:
+        """Drop finished sequences; the last running one moves into each freed slot to keep slots contiguous."""
+        for req in sorted((r for r in self.running if r.finish_reason), key=lambda r: r.slot, reverse=True):
+            last = self.running[-1]
+            if last is not req:
+                self.cache.move(last.slot, req.slot)
+                last.slot = req.slot
+                self.running[req.slot] = last
+            self.running.pop()
+
+    def fail_all(self, message: str) -> list[GenerationRequest]:
+        """After an engine error: end every request (they get `message`), empty the batch."""
+        with self._lock:
+            reqs = [*self._inbox, *self.waiting, *self.running]
+            self._inbox.clear()
+            for r in reqs:
+                if r.adapter is not None and r.finish_reason is None:
+                    self._in_use[r.adapter] -= 1
+        self.waiting.clear()
+        self.running.clear()
+        for r in reqs:
+            if r.finish_reason is None:
+                r.finish_reason = "error"
+                self.metrics.finished(len(r.prompt_ids), ok=False)
+        return reqs

@@ -1,0 +1,32 @@
+"""`loraforge bench --quick` on the tiny model: the harness runs end to end and writes the JSON keys.
+
+A smoke test of the harness only: it never asserts a time or a memory figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+KEYS = ("lora_step_ratio_vs_peft", "qlora_step_ratio_vs_peft_bnb", "lora_peak_rss_ratio_vs_peft",
+        "qlora_peak_rss_ratio_vs_peft_bnb", "lora_step_over_floor")
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_writes_results(tiny_folder, tmp_path):
+    out = tmp_path / "results.json"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run([sys.executable, "-m", "loraforge", "bench", "--quick", "--model", str(tiny_folder),
+                        "--only", "lora", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=230)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    for k in KEYS:
+        assert k in res
+    assert res["lora_step_ratio_vs_peft"] > 0 and res["lora_step_over_floor"] > 0
+    assert res["first_step_loss"]["ok"], res["first_step_loss"]
+    assert "LoRA step" in r.stdout and "floor:" in r.stdout
