@@ -374,3 +374,18 @@ def test_cli_serve_in_a_subprocess(tiny_folder, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_engine_bug_fails_its_batch_with_a_500_and_serving_goes_on(served, monkeypatch):
+    engine, real_step = served.engine, served.engine.step
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    r = served.http.post("/v1/completions", json={"model": "a0", "prompt": "hi", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
+    monkeypatch.setattr(engine, "step", real_step)
+    assert not engine.adapter_busy("a0") and not engine.has_unfinished()
+    assert chat(served.client, "a0", "hi", max_tokens=3).usage.completion_tokens == 3

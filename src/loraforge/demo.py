@@ -26,7 +26,7 @@ ADAPTERS = {
     # name: (training file, optimizer steps)
     "pirate": ("pirate.jsonl", 40),
     "butler": ("butler.jsonl", 40),
-    "dates": ("dates.jsonl", 50),
+    "dates": ("dates.jsonl", 70),
 }
 
 
@@ -37,7 +37,7 @@ def train_adapters(examples: Path, runs: Path, method: str, steps_scale: float) 
     for name, (file, steps) in ADAPTERS.items():
         dest = runs / name
         cfg = TrainConfig(data=str(examples / file), out=str(dest), method=method, rank=8, alpha=16, dropout=0.0,
-                          max_steps=max(2, int(steps * steps_scale)), lr=2e-3, batch_size=8, max_len=96,
+                          max_steps=max(2, int(steps * steps_scale)), lr=2e-3, batch_size=4, max_len=96,
                           val_split=0.05, eval_every=0, save_every=10, keep_checkpoints=1, seed=0)
         if _finished(dest, cfg):
             log.info("%s: already trained in %s (delete it to retrain)", name, dest)

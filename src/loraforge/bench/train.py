@@ -64,6 +64,7 @@ def ours(s: Setting, quantize: str | None = None) -> dict:
     params = set_trainable_params(model, "bench")
     model.gradient_checkpointing = s.grad_checkpointing
     model.train()
+    torch.set_flush_denormal(True)  # as loraforge's trainer does (see train/trainer.py)
     return _train(s, model, lambda ids: model(ids, labels=ids), params, load_peak)
 
 

@@ -123,7 +123,7 @@ def tradeoffs(results: dict[str, Any]) -> list[str]:
                else f"{_ratio(r['trainable'], a['trainable'])} more than")
         if name == "prefix":
             out.append(f"{lab} trains {human(r['trainable'])} parameters ({few} {an}'s {human(a['trainable'])})"
-                       f"{loss_vs(r)}{lrs}; its adapter is {_bytes(r['adapter_bytes'])} on disk vs "
+                       f"{time_vs(r)}{loss_vs(r)}{lrs}; its adapter is {_bytes(r['adapter_bytes'])} on disk vs "
                        f"{_bytes(a['adapter_bytes'])}, and its peak RSS {_bytes(r['peak_rss'])} vs "
                        f"{_bytes(a['peak_rss'])}.")
         elif name == "qlora" or (anchor == "qlora" and name == "lora"):
@@ -217,6 +217,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     if kind == "val" and _ok(base) and base.get("val_loss") is not None:
         ax_loss.axhline(base["val_loss"], color="gray", linestyle="--", linewidth=1, label="base, untrained")
     ax_loss.set(xlabel="step", ylabel=f"{kind} loss", title=f"{kind} loss vs step")
+    if ax_loss.lines and all(v > 0 for line in ax_loss.lines for v in line.get_ydata()):
+        ax_loss.set_yscale("log")  # trained rows end an order of magnitude or more below the base
     ax_loss.grid(alpha=0.3)
     if trained:
         ax_loss.legend(fontsize=8)

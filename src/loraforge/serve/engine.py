@@ -331,8 +331,8 @@ class Engine:
                 self.running[req.slot] = last
             self.running.pop()
 
-    def fail_all(self, message: str) -> list[GenerationRequest]:
-        """After an engine error: end every request (they get `message`), empty the batch."""
+    def fail_all(self) -> list[GenerationRequest]:
+        """After an engine error: end every request and empty the batch; returns them to notify."""
         with self._lock:
             reqs = [*self._inbox, *self.waiting, *self.running]
             self._inbox.clear()

@@ -99,7 +99,7 @@ class EngineThread:
             except Exception as e:  # a bug, not a user error: fail this batch, keep serving
                 log.exception("engine step failed")
                 err = ServeError(f"internal error in the engine: {type(e).__name__}: {e}", status=500)
-                for req in self.engine.fail_all(str(e)):
+                for req in self.engine.fail_all():
                     self._deliver(req.request_id, err, final=True)
                 continue
             for o in outs:

@@ -82,6 +82,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     rows, val_examples = _encode(cfg, tok, train_records, val_records)
     device = model.inv_freq.device
 
+    # AdamW's second moments of tiny LoRA gradients fall below 1e-38: on x86 CPUs every arithmetic op on
+    # such denormals is ~100x slower, which made the optimizer step cost as much as the model's matmuls.
+    # Flushing them to zero changes nothing a float32 training run can resolve.
+    torch.set_flush_denormal(True)
     _seed_everything(cfg.seed)  # adapter init draws from torch's generator
     trainable = prepare(model, cfg)
     from ..lora import trainable_report
