@@ -24,9 +24,9 @@ log = logging.getLogger("loraforge")
 # Sized so that all three fit in about 10 minutes on 2 CPU cores (see README: make demo).
 ADAPTERS = {
     # name: (training file, optimizer steps)
-    "pirate": ("pirate.jsonl", 40),
-    "butler": ("butler.jsonl", 40),
-    "dates": ("dates.jsonl", 70),
+    "pirate": ("pirate.jsonl", 25),
+    "butler": ("butler.jsonl", 25),
+    "dates": ("dates.jsonl", 30),
 }
 
 
