@@ -808,7 +808,7 @@ def date_records(rng: random.Random, dates: list[dt.date]) -> list[dict]:
         rng.shuffle(block)
         styles += block
     out = []
-    for d, s in zip(dates, styles):
+    for d, s in zip(dates, styles, strict=False):
         text = DATE_STYLES[s](d)
         out.append({"messages": [{"role": "user", "content": f"{DATE_INSTRUCTION} {text}"},
                                  {"role": "assistant", "content": d.isoformat()}]})
