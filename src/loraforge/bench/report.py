@@ -23,17 +23,21 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     return a[key] / b[key] if _ok(a) and _ok(b) else None
 
 
+def _loss_check(ours: dict | None, anchor: dict | None) -> dict | None:
+    if not (_ok(ours) and _ok(anchor)):
+        return None
+    diffs = [abs(a - b) for a, b in zip(ours["losses"], anchor["losses"], strict=False)]
+    return {"ours": ours["losses"][0], "peft": anchor["losses"][0], "abs_diff": diffs[0],
+            "max_abs_diff_all_steps": max(diffs), "ok": diffs[0] <= LOSS_TOL}
+
+
 def build(raw: dict[str, dict], s: Setting, machine: dict) -> dict:
     rate = raw.get("matmul_rate", {})
     flops = step_flops(s, rate.get("dims")) if _ok(rate) else None
     floor_s = sum(flops.values()) / (rate["gflops"] * 1e9) if flops else None
     lo, lp = raw.get("lora_ours"), raw.get("lora_peft")
     qo, qp = raw.get("qlora_ours"), raw.get("qlora_peft_bnb")
-    loss = None
-    if _ok(lo) and _ok(lp):
-        diffs = [abs(a - b) for a, b in zip(lo["losses"], lp["losses"], strict=False)]
-        loss = {"ours": lo["losses"][0], "peft": lp["losses"][0], "abs_diff": diffs[0],
-                "max_abs_diff_all_steps": max(diffs), "ok": diffs[0] <= LOSS_TOL}
+    loss, qloss = _loss_check(lo, lp), _loss_check(qo, qp)
     out = {
         "lora_step_ratio_vs_peft": _ratio(lo, lp, "step_s"),
         "qlora_step_ratio_vs_peft_bnb": _ratio(qo, qp, "step_s"),
@@ -41,6 +45,7 @@ def build(raw: dict[str, dict], s: Setting, machine: dict) -> dict:
         "qlora_peak_rss_ratio_vs_peft_bnb": _ratio(qo, qp, "peak_rss"),
         "lora_step_over_floor": lo["step_s"] / floor_s if _ok(lo) and floor_s else None,
         "first_step_loss": loss,
+        "qlora_first_step_loss": qloss,  # NF4 codes are bnb's bit for bit, so these agree too
         "floor": {"step_flops": flops, "matmul_gflops": rate.get("gflops"), "step_s": floor_s,
                   "matmul_per_shape_gflops": rate.get("per_shape")},
         "setting": s.to_json(),
@@ -127,11 +132,12 @@ def table(res: dict) -> str:
         parts = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in floor["step_flops"].items())
         lines.append(f"floor: {sum(floor['step_flops'].values()) / 1e9:.0f} GFLOP per step ({parts}) at "
                      f"{gflops:.0f} GFLOP/s fp32 torch.mm ({s.threads} threads) = {floor_s:.2f} s/step")
-    loss = res.get("first_step_loss")
-    if loss:
-        lines.append(f"first-step loss: loraforge {loss['ours']:.6f}, PEFT {loss['peft']:.6f}, |diff| "
-                     f"{loss['abs_diff']:.1e} ({'ok' if loss['ok'] else 'MISMATCH'}, tolerance {LOSS_TOL:g}); "
-                     f"max over all steps {loss['max_abs_diff_all_steps']:.1e}")
+    for key, what in (("first_step_loss", "LoRA"), ("qlora_first_step_loss", "QLoRA")):
+        loss = res.get(key)
+        if loss:
+            lines.append(f"{what} first-step loss: loraforge {loss['ours']:.6f}, PEFT {loss['peft']:.6f}, |diff| "
+                         f"{loss['abs_diff']:.1e} ({'ok' if loss['ok'] else 'MISMATCH'}, tolerance {LOSS_TOL:g}); "
+                         f"max over all {len(raw['lora_ours']['losses'])} steps {loss['max_abs_diff_all_steps']:.1e}")
     for k, t in res["targets"].items():
         v = t["value"]
         lines.append(f"target {k} <= {t['at_most']}: " + ("n/a" if v is None else

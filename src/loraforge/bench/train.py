@@ -1,8 +1,9 @@
 """Training-step workers: loraforge vs PEFT (LoRA) and vs PEFT + bitsandbytes (QLoRA).
 
-Both sides get the same model weights, the same batches and the same initial A/B (``lora_init``), run
-AdamW on the adapter only, and report per-step wall time, the losses (for the parity check) and memory:
-the peak while loading and the peak while training (VmHWM reset in between).
+Both sides get the same model weights, the same batches and the same initial A/B (``lora_init``), load
+the tokenizer (``load_model`` always does; ~0.1 GB resident), run AdamW on the adapter only, and report
+per-step wall time, the losses (for the parity check) and memory: the peak while loading and the peak
+while training (VmHWM reset in between).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def ours(s: Setting, quantize: str | None = None) -> dict:
 
 def peft(s: Setting, quantize: str | None = None) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .setting import model_folder
 
@@ -84,6 +85,7 @@ def peft(s: Setting, quantize: str | None = None) -> dict:
             bnb_4bit_compute_dtype=torch.float32)
         kw["device_map"] = "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(model_folder(s)), dtype=torch.float32, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder(s)))  # as load_model does for ours
     load_peak = rss_bytes()["peak"]
     cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
@@ -99,7 +101,9 @@ def peft(s: Setting, quantize: str | None = None) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return _train(s, model, lambda ids: model(input_ids=ids, labels=ids).loss, params, load_peak)
+    res = _train(s, model, lambda ids: model(input_ids=ids, labels=ids).loss, params, load_peak)
+    del tokenizer  # held to the end, like a training script's
+    return res
 
 
 def ours_qlora(s: Setting) -> dict:

@@ -33,13 +33,19 @@ class _FrozenBaseLora(torch.autograd.Function):
     def forward(ctx, x: Tensor, W: Tensor | None, b: Tensor | None, A: Tensor, B: Tensor, s: float, dequant=None):
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         Wd = W if W is not None else dequant()  # [out, in]
-        out = torch.addmm(b, x2, Wd.t()) if b is not None else x2 @ Wd.t()  # [T, out]
+        # written through a 2-D alias so that the output is not a view (callers may add into it in place)
+        out = x.new_empty(*x.shape[:-1], Wd.shape[0])  # [*, out]
+        out2 = out.view(-1, Wd.shape[0])  # [T, out]
+        if b is None:
+            torch.mm(x2, Wd.t(), out=out2)
+        else:
+            torch.addmm(b, x2, Wd.t(), out=out2)
         del Wd
         h = x2 @ A.t()  # [T, r]
-        out.addmm_(h, B.t(), alpha=s)
+        out2.addmm_(h, B.t(), alpha=s)
         ctx.save_for_backward(x2, W, A, B, h)
         ctx.s, ctx.x_shape, ctx.dequant = s, x.shape, dequant
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
