@@ -80,18 +80,21 @@ def main() -> int:
     dirs = make_adapters(model, Path(tmp.name), B)
     names = [f"ad{i}" for i in range(B)]
     prompts = [encode_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(B)]
-    sp = SamplingParams(max_new_tokens=N)
+    # min_tokens = N holds back end-of-sequence for all N tokens, as min_new_tokens does for transformers
+    sp = SamplingParams(max_new_tokens=N, min_tokens=N)
 
     engine = Engine(model, tok, max_batch=B, max_len=max(map(len, prompts)) + N + 1)
     for name, d in zip(names, dirs, strict=True):
         engine.load_adapter(name, d)
-    engine.eos = set()  # every row runs the full N tokens, as min_new_tokens does for transformers
 
     # PEFT on transformers' own model, the same weights and adapter folders.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(model.source_folder), dtype=torch.float32).eval()
+    # the same end-of-sequence ids on both sides, so that both suppress the same tokens until N are out
+    eos = hf.generation_config.eos_token_id
+    engine.eos = {eos} if isinstance(eos, int) else set(eos or [])
     peft = PeftModel.from_pretrained(hf, str(dirs[0]), adapter_name=names[0])
     for name, d in zip(names[1:], dirs[1:], strict=True):
         peft.load_adapter(str(d), adapter_name=name)

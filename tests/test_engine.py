@@ -279,3 +279,49 @@ def test_engine_serves_adapters_on_an_nf4_base(tiny_folder, tmp_path):
     alone = [engine.generate([p], sp, [a])[0].token_ids for p, a in zip(prompts, adapters, strict=True)]
     assert [c.token_ids for c in engine.generate(prompts, sp, adapters)] == alone
     assert len({tuple(engine.generate([prompts[0]], sp, [a])[0].token_ids) for a in adapters}) == 4
+
+
+def test_min_tokens_holds_back_end_of_sequence(engine):
+    p = prompts_for(engine.tokenizer, 1)[0]
+    first = engine.generate([p], SamplingParams(max_new_tokens=6), ["a1"])[0].token_ids
+    engine.eos = {first[0]}  # make the first greedy token an end-of-sequence token
+    stopped = engine.generate([p], SamplingParams(max_new_tokens=6), ["a1"])[0]
+    assert stopped.token_ids == [first[0]] and stopped.finish_reason == "stop"
+    held = engine.generate([p], SamplingParams(max_new_tokens=6, min_tokens=3), ["a1"])[0]
+    assert len(held.token_ids) >= 3 and first[0] not in held.token_ids[:3]
+    with pytest.raises(LoraForgeError, match="min_tokens"):
+        SamplingParams(max_new_tokens=2, min_tokens=3)
+
+
+def test_batched_prefill_equals_each_prompt_alone(engine):
+    """Right-padded prompts of different lengths and adapters in one prefill: each row's next-token logits
+    and cached keys are the ones it gets alone."""
+    from loraforge.serve.engine import GenerationRequest
+
+    prompts = prompts_for(engine.tokenizer, 4)
+    assert len({len(p) for p in prompts}) > 1
+    reqs = [GenerationRequest(f"r{i}", p, SamplingParams(), a, slot=i)
+            for i, (p, a) in enumerate(zip(prompts, [None, "a0", "a1", "a3"], strict=True))]
+    together = engine._prefill(reqs)
+    keys = [engine.cache.k[:, i, :, :len(p)].clone() for i, p in enumerate(prompts)]
+    for i, r in enumerate(reqs):
+        r.slot = 0
+        alone = engine._prefill([r])
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(keys[i], engine.cache.k[:, 0, :, :len(r.prompt_ids)], atol=1e-5, rtol=1e-5)
+        assert engine.cache.lengths[0] == len(r.prompt_ids)
+
+
+def test_prefill_groups_keep_padding_bounded():
+    from loraforge.serve.engine import PREFILL_TOKENS, GenerationRequest, prefill_groups
+
+    def reqs(*lengths):
+        return [GenerationRequest(str(i), [1] * n, SamplingParams()) for i, n in enumerate(lengths)]
+
+    sizes = lambda groups: [[len(r.prompt_ids) for r in g] for g in groups]  # noqa: E731
+    assert sizes(prefill_groups(reqs(30, 35, 40, 32))) == [[30, 35, 40, 32]]
+    # a long prompt does not make many short ones pad to its length: padded <= 2 x real + 64
+    assert sizes(prefill_groups(reqs(10, 12, 900, 11, 9))) == [[10, 12], [900, 11], [9]]
+    big = PREFILL_TOKENS // 2
+    assert sizes(prefill_groups(reqs(big, big, big))) == [[big, big], [big]]
+    assert prefill_groups([]) == []

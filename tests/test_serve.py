@@ -276,6 +276,8 @@ MALFORMED = [
     ("/v1/completions", {"model": "a0", "prompt": []}, 400, "prompt"),
     ("/v1/completions", {"model": "a0", "prompt": {"text": "hi"}}, 400, "prompt"),
     ("/v1/completions", {"model": "a0", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "a0", "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ("/v1/completions", {"model": "a0", "prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
     ("/v1/completions", {"model": "a0", "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
     ("/v1/completions", {"model": "a0", "prompt": "hi " * 200}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),

@@ -20,10 +20,13 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    min_tokens: int = 0  # end-of-sequence tokens cannot be drawn before this many (vLLM's min_tokens)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise LoraForgeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise LoraForgeError(f"min_tokens must be in [0, max_tokens = {self.max_new_tokens}], got {self.min_tokens}")
         if self.temperature < 0:
             raise LoraForgeError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.llama import Linear
+from ..model.llama import Linear, frozen_linear
 from .registry import AdapterRegistry
 
 
@@ -94,6 +94,8 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
         self.scaling[name] = scaling
         self.dropout[name] = dropout
+        self._stack_cache = None
+        self._group_cache = None
 
     def remove(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B):
@@ -123,15 +125,23 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:
         if adapter_ids is None:
             name = self.registry.active
-            if name is not None and name != self.registry.merged and name in self.lora_A and self._fusable(x, name):
+            live = name is not None and name != self.registry.merged and name in self.lora_A
+            if live and not torch.is_grad_enabled() and (self.dropout[name] == 0 or not self.training):
+                # inference: the base product and the low-rank one, each in frozen_linear's few-token form
+                out = self.base(x, None)
+                A, B = self.lora_A[name], self.lora_B[name]
+                y = frozen_linear(frozen_linear(x.to(A.dtype), A, contiguous=False), B, contiguous=False)  # [*, out]
+                if out.dtype == y.dtype:
+                    return out.add_(y, alpha=self.scaling[name])  # out is this forward's own buffer
+                return out + (y * self.scaling[name]).to(out.dtype)
+            if live and self._fusable(x, name):
                 base, A, B, s = self.base, self.lora_A[name], self.lora_B[name], self.scaling[name]
                 if _quantized(base):
                     return _FrozenBaseLora.apply(x, None, base.bias, A, B, s, lambda: base.dequantize(x.dtype))
                 return _FrozenBaseLora.apply(x, base.weight, base.bias, A, B, s)
         out = self.base(x, adapter_ids)
         if adapter_ids is not None:
-            delta = self._mixed(x, adapter_ids)
-            return out if delta is None else out + delta.to(out.dtype)
+            return self._mixed(x, adapter_ids, out)
         name = self.registry.active
         if name is None or name == self.registry.merged or name not in self.lora_A:
             return out
@@ -158,40 +168,51 @@ class LoraLinear(nn.Module):
         h = F.dropout(x, p) if (p > 0 and self.training) else x  # no dropout work at p = 0 or in eval
         return F.linear(F.linear(h.to(A.dtype), A) * self.scaling[name], B)  # scale [T, r], not [T, out]
 
-    def _mixed(self, x: Tensor, adapter_ids: Tensor) -> Tensor | None:
-        """Per-row adapters. x: [B, S, in], adapter_ids: [B] indices into registry.names, -1 = base.
+    def _mixed(self, x: Tensor, adapter_ids: Tensor, out: Tensor) -> Tensor:
+        """Per-row adapters: the base output `out` [B, S, out] plus each row's own low-rank delta.
 
-        Returns the per-row delta [B, S, out], or None when no row has an adapter on this layer."""
+        x: [B, S, in], adapter_ids: [B] indices into registry.names, -1 = base."""
         names = self.registry.names
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_A.values()):
             # Training a mixed batch: group rows by adapter so autograd sees ordinary matmuls.
-            out = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.base_weight_like().dtype)
+            delta = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.base_weight_like().dtype)
             for i in adapter_ids.unique().tolist():
                 if i < 0 or names[i] not in self.lora_A:
                     continue
                 rows = (adapter_ids == i).nonzero().squeeze(1)
-                out = out.index_add(0, rows, self._one(x[rows], names[i]))
-            return out
-        # Inference: rows are grouped by adapter (as S-LoRA/Punica's SGMV does), so each adapter's weights are
-        # read once per step however many rows use it, and no per-row copy of the weights is made.
+                delta = delta.index_add(0, rows, self._one(x[rows], names[i]))
+            return out + delta.to(out.dtype)
+        # Inference: each adapter's weights are read once per forward however many rows use it (as
+        # S-LoRA/Punica's SGMV does), and no per-row copy of the weights is made.
         plan = self._groups(adapter_ids, x.device)
         if plan is None:
-            return None
-        idx, inv, At, Bt = plan  # idx: [U*m] rows in group order, inv: [B]; At: [U, in, r], Bt: [U, r, out]
-        S = x.shape[1]
-        xg = x if idx is None else x[idx]  # [U*m, S, in]
-        h = torch.bmm(xg.reshape(At.shape[0], -1, x.shape[-1]).to(At.dtype), At)  # [U, m*S, r_max]
-        y = torch.bmm(h, Bt).reshape(-1, S, Bt.shape[-1])  # [U*m, S, out]
-        return y if inv is None else y[inv]  # [B, S, out]
+            return out
+        B, S = x.shape[:2]
+        if S == 1 or plan.groups == 1:
+            # One token per row (decoding) or a single group: x [B*S, in] times every group's A stacked
+            # [U*r, in], rows masked to their own group's r columns, times the groups' s*B side by side
+            # [out, U*r], added into the base output. Two GEMMs whatever the mix; the masked columns cost
+            # (U - 1) * r multiply-adds per row and token, negligible next to the base projection when S == 1.
+            A_rows, B_cols, mask = plan.concatenated()
+            h = frozen_linear(x.reshape(B * S, -1).to(A_rows.dtype), A_rows, contiguous=False)  # [B*S, U*r]
+            if mask is not None:
+                h.view(B, S, -1).mul_(mask[:, None, :])
+            y = frozen_linear(h, B_cols, contiguous=False).view(B, S, -1)  # [B, S, out]
+            if out.dtype == y.dtype and not torch.is_grad_enabled():
+                return out.add_(y)  # out is this forward's own buffer
+            return out + y.to(out.dtype)
+        # A prompt per row (prefill) and several adapters: batched GEMMs over the groups.
+        xg = x if plan.idx is None else x[plan.idx]  # [U*m, S, in]
+        h = torch.bmm(xg.reshape(plan.groups, -1, x.shape[-1]).to(plan.At.dtype), plan.At)  # [U, m*S, r_max]
+        y = torch.bmm(h, plan.Bt).reshape(-1, S, plan.Bt.shape[-1])  # [U*m, S, out]
+        return out + (y if plan.inv is None else y[plan.inv]).to(out.dtype)  # [B, S, out]
 
-    def _groups(self, adapter_ids: Tensor, device) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor] | None:
-        """Rows grouped by adapter, each group padded to the largest by repeating its first row.
+    def _groups(self, adapter_ids: Tensor, device) -> _Plan | None:
+        """This batch's rows grouped by adapter (None when no row has an adapter on this layer).
 
-        Returns (idx, inv, At, Bt): idx [U*m] the row of each group member (None when that is 0..B-1),
-        inv [B] where each row's result lands (None when the identity), and the groups' A^T [U, in, r_max]
-        and (s*B)^T [U, r_max, out]. Base rows form a group on the all-zero slot. Cached while the rows'
-        adapters stay the same, which in continuous batching is most decode steps. (On CUDA, ids given as a
-        CPU tensor spare the device sync that reading them costs.)
+        Base rows form a group on the all-zero slot of the stack. Cached while the rows' adapters stay
+        the same, which in continuous batching is most decode steps. (On CUDA, ids given as a CPU tensor
+        spare the device sync that reading them costs.)
         """
         A_all, B_all = self._stacked()  # [N+1, r_max, in], [N+1, out, r_max]; slot N is all zeros (base)
         stack, key = self._stack_cache, tuple(adapter_ids.tolist())
@@ -202,36 +223,19 @@ class LoraLinear(nn.Module):
         groups: dict[int, list[int]] = {}
         for row, i in enumerate(key):
             groups.setdefault(zero if i < 0 or names[i] not in self.lora_A else i, []).append(row)
-        plan = None
-        if set(groups) != {zero}:
-            m = max(len(g) for g in groups.values())
-            flat = [r for g in groups.values() for r in g + g[:1] * (m - len(g))]
-            inv = [0] * len(key)
-            for k, g in enumerate(groups.values()):
-                for j, r in enumerate(g):
-                    inv[r] = k * m + j
-            slots = list(groups)
-            lo = slots[0]
-            if slots == list(range(lo, lo + len(slots))):  # contiguous: views into the stack, no copy
-                At, Bt = A_all[lo:lo + len(slots)].transpose(1, 2), B_all[lo:lo + len(slots)].transpose(1, 2)
-            else:
-                At, Bt = A_all[slots].transpose(1, 2).contiguous(), B_all[slots].transpose(1, 2).contiguous()
-            ident = list(range(len(key)))
-            plan = (None if flat == ident else torch.tensor(flat, device=device),
-                    # padding rows make y longer than the batch: then inv must pick the real rows out
-                    None if inv == ident and len(flat) == len(key) else torch.tensor(inv, device=device), At, Bt)
+        plan = None if set(groups) == {zero} else _Plan(list(groups.values()), list(groups), A_all, B_all, device)
         self._group_cache = (stack, key, plan)
         return plan
 
     def _stacked(self) -> tuple[Tensor, Tensor]:
         """Every adapter's A and s*B, zero-padded to the largest rank and cached until a weight changes."""
         names = self.registry.names
-        # Checked on every mixed forward: read the parameter dicts directly, as ParameterDict's own lookup
-        # goes through Module.__getattr__ and costs more than the check itself.
-        pa, pb = self.lora_A._parameters, self.lora_B._parameters
-        key = (tuple(names),) + tuple((pa[n]._version, pb[n]._version, id(pa[n])) for n in names if n in pa)
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1], self._stack_cache[2]
+        # Checked by every layer on every mixed forward, so kept to a list compare: the same adapter names
+        # in the same order, and no weight written in place since (an optimizer step or a copy_ bumps a
+        # tensor's version; add/remove drop the cache).
+        c = self._stack_cache
+        if c is not None and c[0] == names and [p._version for p in c[3]] == c[4]:
+            return c[1], c[2]
         w = self.base_weight_like()
         r_max = max((self.lora_A[n].shape[0] for n in names if n in self.lora_A), default=1)
         A_all = torch.zeros(len(names) + 1, r_max, self.in_features, dtype=w.dtype, device=w.device)
@@ -242,9 +246,54 @@ class LoraLinear(nn.Module):
                     r = self.lora_A[n].shape[0]
                     A_all[i, :r] = self.lora_A[n]
                     B_all[i, :, :r] = self.lora_B[n] * self.scaling[n]
-        self._stack_cache = (key, A_all, B_all)
+        params = [p for n in names if n in self.lora_A for p in (self.lora_A[n], self.lora_B[n])]
+        self._stack_cache = (list(names), A_all, B_all, params, [p._version for p in params])
         return A_all, B_all
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
         return f"in={self.in_features}, out={self.out_features}, adapters={ranks}"
+
+
+class _Plan:
+    """How one mixed batch meets the adapters: rows grouped by stack slot.
+
+    For the batched-GEMM form each group is padded to the largest by repeating its first row: idx [U*m]
+    is the row of each group member (None when that is 0..B-1), inv [B] where each row's result lands
+    (None when the identity), At [U, in, r_max] the groups' A^T and Bt [U, r_max, out] their (s*B)^T.
+    """
+
+    def __init__(self, groups: list[list[int]], slots: list[int], A_all: Tensor, B_all: Tensor, device):
+        self.groups, self._rows, self._device = len(groups), groups, device
+        n = sum(len(g) for g in groups)
+        m = max(len(g) for g in groups)
+        flat = [r for g in groups for r in g + g[:1] * (m - len(g))]
+        inv = [0] * n
+        for k, g in enumerate(groups):
+            for j, r in enumerate(g):
+                inv[r] = k * m + j
+        lo = slots[0]
+        if slots == list(range(lo, lo + len(slots))):  # contiguous: views into the stack, no copy
+            self.At, self.Bt = A_all[lo:lo + len(slots)].transpose(1, 2), B_all[lo:lo + len(slots)].transpose(1, 2)
+        else:
+            self.At, self.Bt = A_all[slots].transpose(1, 2).contiguous(), B_all[slots].transpose(1, 2).contiguous()
+        ident = list(range(n))
+        self.idx = None if flat == ident else torch.tensor(flat, device=device)
+        # padding rows make y longer than the batch: then inv must pick the real rows out
+        self.inv = None if inv == ident and len(flat) == n else torch.tensor(inv, device=device)
+        self._concat: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def concatenated(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(A [U*r_max, in], s*B [out, U*r_max], mask [B, U*r_max] or None): the groups side by side."""
+        if self._concat is None:
+            U, d_in, r = self.At.shape
+            A_rows = self.At.transpose(1, 2).reshape(U * r, d_in)
+            B_cols = self.Bt.permute(2, 0, 1).reshape(-1, U * r)
+            mask = None
+            if U > 1:
+                mask = torch.zeros(sum(len(g) for g in self._rows), U, r, dtype=A_rows.dtype, device=self._device)
+                for k, g in enumerate(self._rows):
+                    mask[g, k] = 1
+                mask = mask.view(-1, U * r)
+            self._concat = (A_rows.contiguous(), B_cols.contiguous(), mask)
+        return self._concat

@@ -25,12 +25,34 @@ from .cache import KVCache
 from .config import ModelConfig
 from .loss import chunked_cross_entropy
 
+# Few-token products on CPU (decoding a batch): W [out, in] @ x^T [in, T] reads the weight in its stored
+# order and runs 1.5-4x faster than F.linear's x @ W^T for 2 <= T <= 64 with MKL on 2 cores (measured:
+# 576 -> 49152 at T = 4, 12.1 ms vs 2.9 ms; 576 -> 1536 at T = 8, 346 vs 196 us). At T = 1 both are a GEMV.
+SKINNY_MAX_TOKENS = 64
+
+
+def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, contiguous: bool = True) -> Tensor:
+    """F.linear(x, weight, bias), in the faster GEMM form for a few tokens when no gradient is recorded.
+
+    That form computes the [out, T] transpose; contiguous=False returns its [T, out] view without the
+    copy, for a consumer that only reads it (the copy is 4 ms of a 10 ms head product at T = 8; layers'
+    outputs stay contiguous, as the ops after them (norms, rotary embedding, attention, even silu(gate) * up)
+    ran slower on the strided view than the copy costs).
+    Grad mode is always off inside an autograd.Function's forward, so call it outside one.
+    """
+    T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not (1 < T <= SKINNY_MAX_TOKENS and x.device.type == "cpu" and not torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(T, x.shape[-1])
+    out = (weight @ x2.t() if bias is None else torch.addmm(bias[:, None], weight, x2.t())).t()  # [T, out]
+    return (out.contiguous() if contiguous else out).view(*x.shape[:-1], weight.shape[0])
+
 
 class Linear(nn.Linear):
     """nn.Linear that accepts (and ignores) the per-row adapter ids every projection is called with."""
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:  # noqa: ARG002
-        return F.linear(x, self.weight, self.bias)
+        return frozen_linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -297,6 +319,7 @@ class LlamaForCausalLM(nn.Module):
         prefix: list[tuple[Tensor, Tensor]] | None = None,
         labels: Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """Run the decoder.
 
@@ -336,8 +359,12 @@ class LlamaForCausalLM(nn.Module):
             if training:
                 release_free_heap()  # the forward's temporaries, before the backward allocates its own
             return loss
-        if logits_to_keep:
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, H]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
+        if type(self.lm_head) is Linear:  # logits are only read: no copy out of the few-token GEMM form
+            return frozen_linear(x, self.lm_head.weight, self.lm_head.bias, contiguous=False)
         return self.lm_head(x, adapter_ids)
 
 

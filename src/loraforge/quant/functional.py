@@ -202,11 +202,18 @@ def dequantize_4bit(
     out = torch.empty(n, dtype=dtype, device=packed.device)
     chunk = _chunk_len(blocksize)
     flat_bytes = packed.reshape(-1)
+    direct = dtype == torch.float32 and n % 2 == 0  # decode straight into the output: no staging copy
+    pairs = out.view(-1, 2) if direct else None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         byte_idx = flat_bytes[start // 2 : (stop + 1) // 2].to(torch.int32)
-        values = table.index_select(0, byte_idx).view(-1)[: stop - start]  # float32 [m]
-        out[start:stop] = _scale_blocks(values, absmax[start // blocksize : -(-stop // blocksize)], blocksize)
+        scales = absmax[start // blocksize : -(-stop // blocksize)]
+        if direct:
+            torch.index_select(table, 0, byte_idx, out=pairs[start // 2 : stop // 2])
+            _scale_blocks(out[start:stop], scales, blocksize)
+        else:
+            values = table.index_select(0, byte_idx).view(-1)[: stop - start]  # float32 [m]
+            out[start:stop] = _scale_blocks(values, scales, blocksize)
     return out.view(shape)
 
 

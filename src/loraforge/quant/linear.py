@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.errors import LoraForgeError
+from loraforge.model.llama import frozen_linear
 from loraforge.quant.functional import (
     QuantState,
     check_config,
@@ -166,6 +167,8 @@ class QuantLinear(nn.Module):
         # x: [*, in] -> [*, out] in x.dtype. adapter_ids is accepted so that every projection is
         # called the same way; the frozen base layer has no adapters.
         dtype = self.compute_dtype or x.dtype
+        if not torch.is_grad_enabled():  # inference: no autograd node, and the few-token GEMM form
+            return frozen_linear(x.to(dtype), dequantize(self.quant_state, dtype), self.bias).to(x.dtype)
         out = QuantMatmul.apply(x.to(dtype), self.quant_state)
         if self.bias is not None:
             out = out + self.bias.to(dtype)

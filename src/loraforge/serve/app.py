@@ -76,9 +76,11 @@ def resolve_inside(root: Path, lora_path: str) -> Path:
 def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=max(body.top_k, 0), seed=body.seed, stop=body.stop_list())
-    except LoraForgeError as e:
-        raise ServeError(str(e)) from None
+                              top_k=max(body.top_k, 0), seed=body.seed, stop=body.stop_list(),
+                              min_tokens=body.min_tokens)
+    except LoraForgeError as e:  # messages start with the field's name, e.g. "min_tokens must be ..."
+        field = str(e).split(" ", 1)[0]
+        raise ServeError(str(e), param=field if field in type(body).model_fields else None) from None
 
 
 def sse(chunk) -> str:

@@ -37,34 +37,54 @@ class SlotCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
-    def prefill_view(self, slot: int) -> _PrefillView:
-        self.lengths[slot] = 0
-        return _PrefillView(self, slot)
+    def prefill_view(self, slot: int, lengths: list[int]) -> _PrefillView:
+        """Prompts of `lengths` tokens, right-padded into one batch, written into slots slot, slot + 1, ..."""
+        if slot + len(lengths) > self.slots or max(lengths) > self.max_len:
+            raise ValueError(f"prefill of {len(lengths)} prompts (longest {max(lengths)}) at slot {slot} does not "
+                             f"fit {self.slots} slots of {self.max_len} positions")
+        for i in range(len(lengths)):
+            self.lengths[slot + i] = 0
+        return _PrefillView(self, slot, lengths)
 
     def decode_view(self, n: int) -> _DecodeView:
         return _DecodeView(self, n)
 
 
 class _PrefillView:
-    """One sequence's prompt written into its slot from position 0; attention is plain causal."""
+    """Prompts written into consecutive slots from position 0: a batch of rows right-padded to the longest.
+
+    Every row's keys, padding included, land in its slot; the padding's are stale past the row's length
+    and the decode mask never shows them (the first decode step overwrites the first of them)."""
 
     length = 0
 
-    def __init__(self, cache: SlotCache, slot: int):
-        self.c, self.slot = cache, slot
+    def __init__(self, cache: SlotCache, slot: int, lengths: list[int]):
+        self.c, self.slot, self.lengths = cache, slot, lengths
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # k/v: [1, Hkv, S, D]
-        S, s = k.shape[2], self.slot
-        self.c.k[layer, s:s + 1, :, :S] = k
-        self.c.v[layer, s:s + 1, :, :S] = v
+        # k/v: [n, Hkv, S, D]
+        n, S, s = k.shape[0], k.shape[2], self.slot
+        self.c.k[layer, s:s + n, :, :S] = k
+        self.c.v[layer, s:s + n, :, :S] = v
         return k, v
 
-    def advance(self, n: int) -> None:
-        self.c.lengths[self.slot] = n
+    def advance(self, n: int) -> None:  # noqa: ARG002 - each row advances by its own length
+        for i, L in enumerate(self.lengths):
+            self.c.lengths[self.slot + i] = L
 
-    def attention_mask(self, S: int) -> None:  # noqa: ARG002 - causal over the prompt alone
-        return None
+    def attention_mask(self, S: int) -> Tensor | None:
+        """None (plain causal) when no row is padded; else [n, 1, S, S]: causal, and no padding keys. A
+        padding query still sees its row's real keys, so no row of the mask is empty."""
+        if all(L == S for L in self.lengths):
+            return None
+        dev = self.c.k.device
+        t = torch.arange(S, device=dev)
+        keys = t[None, :] < torch.tensor(self.lengths, device=dev)[:, None]  # [n, S]
+        return (t[None, :] <= t[:, None])[None, None] & keys[:, None, None, :]
+
+    def last_positions(self) -> Tensor:
+        """[n]: each row's last prompt token, whose logits give its first new token."""
+        return torch.tensor(self.lengths, device=self.c.k.device) - 1
 
 
 class _DecodeView:

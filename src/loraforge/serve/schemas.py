@@ -26,6 +26,8 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1 = no cut (vLLM extension)")
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = Field(None, description="strings that end the completion (not included in it)")
+    min_tokens: int = Field(0, ge=0, description="tokens to generate before end-of-sequence may end the completion "
+                                                 "(vLLM extension)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
