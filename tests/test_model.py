@@ -164,3 +164,25 @@ def test_not_a_model_file(tmp_path):
     f.write_text("hello")
     with pytest.raises(LoraForgeError, match="not a .txt file"):
         load_model(str(f))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 8, 64, 65])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_linear_equals_f_linear(tokens, with_bias):
+    """The few-token GEMM form (W @ x^T) gives F.linear's values and shape, contiguous or as a view."""
+    from loraforge.model.llama import frozen_linear
+
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(1, tokens, 48, generator=g)
+    w, b = torch.randn(40, 48, generator=g), (torch.randn(40, generator=g) if with_bias else None)
+    want = torch.nn.functional.linear(x, w, b)
+    with torch.no_grad():
+        for contiguous in (True, False):
+            got = frozen_linear(x, w, b, contiguous=contiguous)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            if contiguous:
+                assert got.is_contiguous()
+    w.requires_grad_(True)  # with autograd recording, it is F.linear itself
+    frozen_linear(x, w, b).sum().backward()
+    assert w.grad is not None

@@ -168,7 +168,8 @@ class QuantLinear(nn.Module):
         # called the same way; the frozen base layer has no adapters.
         dtype = self.compute_dtype or x.dtype
         if not torch.is_grad_enabled():  # inference: no autograd node, and the few-token GEMM form
-            return frozen_linear(x.to(dtype), dequantize(self.quant_state, dtype), self.bias).to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return frozen_linear(x.to(dtype), dequantize(self.quant_state, dtype), bias).to(x.dtype)
         out = QuantMatmul.apply(x.to(dtype), self.quant_state)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
