@@ -94,6 +94,20 @@ def main() -> int:
         results[name]["seconds"] = round(time.perf_counter() - t0, 2)
         print(name, json.dumps(results[name], default=str)[:600], flush=True)
 
+    def adamw_step(loss_fn, params, lr):
+        """A function running one AdamW step on loss_fn() (bf16 autocast on CUDA) and returning the loss."""
+        opt = torch.optim.AdamW(params, lr=lr)
+
+        def step():
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+
     def forward_parity():
         model, _ = lf.load_model(str(folder), device=dev)  # bf16 by default on CUDA
         hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).to(dev).eval()
@@ -109,17 +123,8 @@ def main() -> int:
         lf.add_lora(model, "a", lf.LoraConfig(r=16, alpha=32, dropout=0.0))
         params = lf.set_trainable_params(model, "a")
         model.train()
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        step = adamw_step(lambda: model(ids, labels=ids), params, 1e-4)
         init = {k: v.detach().clone() for k, v in get_adapter_params(model, "a").items()}
-
-        def step():
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                loss = model(ids, labels=ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
         first = step().item()
         torch.cuda.reset_peak_memory_stats()
         ours = cuda_time(step)
@@ -133,16 +138,8 @@ def main() -> int:
                     path = name.replace("base_model.model.", "").replace(".default.weight", "")
                     p.copy_(init[path])
         pm.train()
-        popt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
-
-        def pstep():
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                loss = pm(input_ids=ids, labels=ids).loss
-            loss.backward()
-            popt.step()
-            popt.zero_grad(set_to_none=True)
-            return loss
-
+        pstep = adamw_step(lambda: pm(input_ids=ids, labels=ids).loss,
+                           [p for p in pm.parameters() if p.requires_grad], 1e-4)
         pfirst = pstep().item()
         torch.cuda.reset_peak_memory_stats()
         theirs = cuda_time(pstep)
@@ -161,17 +158,8 @@ def main() -> int:
         lf.add_lora(model, "a", lf.LoraConfig(r=16, alpha=32, dropout=0.0))
         params = lf.set_trainable_params(model, "a")
         packed = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        opt = torch.optim.AdamW(params, lr=1e-3)
         model.train()
-
-        def step():
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                loss = model(ids, labels=ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
+        step = adamw_step(lambda: model(ids, labels=ids), params, 1e-3)
         losses = [step().item() for _ in range(3)]
         torch.cuda.reset_peak_memory_stats()
         t = cuda_time(step, warmup=0, reps=3)

@@ -26,6 +26,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def randomize_adapter(model, name: str, seed: int = 0, std: float = 0.1) -> torch.Generator:
+    """Seeded random values in every tensor of LoRA adapter `name` (a fresh adapter's zero B changes nothing).
+    Returns the generator, for drawing test data after the weights."""
+    from loraforge.lora import get_adapter_params
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in get_adapter_params(model, name).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return g
+
+
 @pytest.fixture(scope="session")
 def smol_folder() -> Path:
     """The embedded SmolLM2-135M-Instruct as a Hugging Face folder (converted once into the cache)."""

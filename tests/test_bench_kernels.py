@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_adapter
 
-from loraforge.lora import LoraConfig, add_lora, get_adapter_params, set_trainable_params
+from loraforge.lora import LoraConfig, add_lora, set_trainable_params
 from loraforge.lora.layer import LoraLinear
 from loraforge.lora.registry import AdapterRegistry
 from loraforge.model.llama import Linear, _RMSNormFn, _RopeFn, _SiluMulFn, rotate_half
@@ -48,10 +49,7 @@ def test_fused_lora_on_quantized_base_matches_unfused(tiny_folder, monkeypatch):
 
     model, _ = load_model(str(tiny_folder), device="cpu", dtype="float32", quantize="nf4")
     add_lora(model, "a", LoraConfig(r=4, dropout=0.0))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in get_adapter_params(model, "a").values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    g = randomize_adapter(model, "a", seed=0)
     params = set_trainable_params(model, "a")
     model.train()
     ids = torch.randint(0, 49152, (2, 10), generator=g)
@@ -111,10 +109,7 @@ def test_rebuilt_saved_tensors_give_the_same_gradients(tiny):
     """Training rebuilds norm outputs and the MLP product in backward; checkpointing-off vs a plain run."""
     model, _ = tiny
     add_lora(model, "a", LoraConfig(r=4, dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in get_adapter_params(model, "a").values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    g = randomize_adapter(model, "a", seed=1)
     params = set_trainable_params(model, "a")
     ids = torch.randint(0, 49152, (2, 10), generator=g)
     model.train()

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import randomize_adapter
 from transformers import AutoModelForCausalLM
 
-from loraforge.lora import LoraConfig, add_lora, get_adapter_params, save_adapter
+from loraforge.lora import LoraConfig, add_lora, save_adapter
 
 
 def cli(*args, check=True):
@@ -27,10 +28,7 @@ def cli(*args, check=True):
 def tiny_adapter(tiny, tmp_path):
     model, _ = tiny
     add_lora(model, "a", LoraConfig(r=4, alpha=8, targets=["q_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in get_adapter_params(model, "a").values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_adapter(model, "a", seed=0, std=0.05)
     return save_adapter(model, "a", tmp_path / "adapter")
 
 

@@ -17,13 +17,7 @@ from loraforge.serve.sampling import nucleus, sample_row
 NAMES = ["a0", "a1", "a2", "a3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls are dominated by waking a second OpenMP thread, badly so on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run best on one thread
 
 
 def make_adapters(model, out: Path, names=NAMES, std: float = 0.3) -> dict[str, Path]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from conftest import randomize_adapter
 
 from loraforge.errors import LoraForgeError
 from loraforge.lora import (
@@ -26,11 +29,7 @@ from loraforge.lora import (
 IDS = torch.randint(0, 49152, (3, 10), generator=torch.Generator().manual_seed(0))
 
 
-def randomize(model, name, seed=0, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in get_adapter_params(model, name).values():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+randomize = functools.partial(randomize_adapter, std=0.3)
 
 
 def test_untrained_adapter_changes_nothing(tiny):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
+from conftest import randomize_adapter
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -15,7 +17,6 @@ from loraforge.lora import (
     LoraConfig,
     adapter_ids_for,
     add_lora,
-    get_adapter_params,
     load_adapter,
     registry,
     save_adapter,
@@ -28,11 +29,7 @@ def hf_model(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
-def small_random(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in get_adapter_params(model, name).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+small_random = functools.partial(randomize_adapter, std=0.05)
 
 
 def peft_saved_adapter(folder, out, seed, r=4, targets=("q_proj", "v_proj", "down_proj"), rslora=False):

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from conftest import randomize_adapter
 from safetensors.torch import load_file
 
 from loraforge.cli import build_parser
@@ -16,7 +17,6 @@ from loraforge.lora import (
     LoraConfig,
     adapter_ids_for,
     add_lora,
-    get_adapter_params,
     load_adapter,
     merge_adapter,
     save_adapter,
@@ -39,11 +39,7 @@ def qtiny(tiny_folder):
     return load_model(str(tiny_folder), device="cpu", dtype="float32", quantize="nf4")
 
 
-def randomize(model, name, seed=0, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in get_adapter_params(model, name).values():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+randomize = randomize_adapter
 
 
 def packed_buffers(model) -> dict[str, torch.Tensor]:

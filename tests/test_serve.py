@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 from test_engine import NAMES, make_adapters
 
@@ -26,13 +25,7 @@ KEY = "sk-test-123"
 PROMPTS = ["Tell me a story", "What is 2 + 2?", "Name a colour", "Why is the sky blue?", "hello", "Count to five"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls are dominated by waking a second OpenMP thread, badly so on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run best on one thread
 
 
 class Server:

@@ -126,15 +126,8 @@ class LoraLinear(nn.Module):
         if adapter_ids is None:
             name = self.registry.active
             live = name is not None and name != self.registry.merged and name in self.lora_A
-            if live and not torch.is_grad_enabled() and (self.dropout[name] == 0 or not self.training):
-                # inference: the base product and the low-rank one, each in frozen_linear's few-token form
-                out = self.base(x, None)
-                A, B = self.lora_A[name], self.lora_B[name]
-                y = frozen_linear(frozen_linear(x.to(A.dtype), A, contiguous=False), B, contiguous=False)  # [*, out]
-                if out.dtype == y.dtype:
-                    return out.add_(y, alpha=self.scaling[name])  # out is this forward's own buffer
-                return out + (y * self.scaling[name]).to(out.dtype)
-            if live and self._fusable(x, name):
+            # the fused autograd fn is for training; inference runs the plain products below
+            if live and torch.is_grad_enabled() and self._fusable(x, name):
                 base, A, B, s = self.base, self.lora_A[name], self.lora_B[name], self.scaling[name]
                 if _quantized(base):
                     return _FrozenBaseLora.apply(x, None, base.bias, A, B, s, lambda: base.dequantize(x.dtype))
@@ -145,7 +138,7 @@ class LoraLinear(nn.Module):
         name = self.registry.active
         if name is None or name == self.registry.merged or name not in self.lora_A:
             return out
-        return out + self._one(x, name).to(out.dtype)
+        return _add_delta(out, self._one(x, name))
 
     def _fusable(self, x: Tensor, name: str) -> bool:
         """Whether the single-adapter forward can run as one _FrozenBaseLora (the common training case)."""
@@ -166,7 +159,8 @@ class LoraLinear(nn.Module):
         A, B = self.lora_A[name], self.lora_B[name]
         p = self.dropout[name]
         h = F.dropout(x, p) if (p > 0 and self.training) else x  # no dropout work at p = 0 or in eval
-        return F.linear(F.linear(h.to(A.dtype), A) * self.scaling[name], B)  # scale [T, r], not [T, out]
+        # scale [T, r], not [T, out]; the products only feed the next op (see frozen_linear)
+        return frozen_linear(frozen_linear(h.to(A.dtype), A, contiguous=False) * self.scaling[name], B, contiguous=False)
 
     def _mixed(self, x: Tensor, adapter_ids: Tensor, out: Tensor) -> Tensor:
         """Per-row adapters: the base output `out` [B, S, out] plus each row's own low-rank delta.
@@ -181,7 +175,7 @@ class LoraLinear(nn.Module):
                     continue
                 rows = (adapter_ids == i).nonzero().squeeze(1)
                 delta = delta.index_add(0, rows, self._one(x[rows], names[i]))
-            return out + delta.to(out.dtype)
+            return _add_delta(out, delta)
         # Inference: each adapter's weights are read once per forward however many rows use it (as
         # S-LoRA/Punica's SGMV does), and no per-row copy of the weights is made.
         plan = self._groups(adapter_ids, x.device)
@@ -197,10 +191,7 @@ class LoraLinear(nn.Module):
             h = frozen_linear(x.reshape(B * S, -1).to(A_rows.dtype), A_rows, contiguous=False)  # [B*S, U*r]
             if mask is not None:
                 h.view(B, S, -1).mul_(mask[:, None, :])
-            y = frozen_linear(h, B_cols, contiguous=False).view(B, S, -1)  # [B, S, out]
-            if out.dtype == y.dtype and not torch.is_grad_enabled():
-                return out.add_(y)  # out is this forward's own buffer
-            return out + y.to(out.dtype)
+            return _add_delta(out, frozen_linear(h, B_cols, contiguous=False).view(B, S, -1))  # [B, S, out]
         # A prompt per row (prefill) and several adapters: batched GEMMs over the groups.
         xg = x if plan.idx is None else x[plan.idx]  # [U*m, S, in]
         h = torch.bmm(xg.reshape(plan.groups, -1, x.shape[-1]).to(plan.At.dtype), plan.At)  # [U, m*S, r_max]
@@ -253,6 +244,13 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
         return f"in={self.in_features}, out={self.out_features}, adapters={ranks}"
+
+
+def _add_delta(out: Tensor, delta: Tensor) -> Tensor:
+    """out + delta; in place when nothing records gradients (out is then the base's fresh output)."""
+    if out.dtype == delta.dtype and not torch.is_grad_enabled():
+        return out.add_(delta)
+    return out + delta.to(out.dtype)
 
 
 class _Plan:

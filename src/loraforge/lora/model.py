@@ -67,10 +67,7 @@ def add_lora(model: nn.Module, name: str = "default", config: LoraConfig | None 
     """Add adapter `name` on every projection that `config.targets` selects; returns the module paths."""
     config = config or LoraConfig()
     reg = registry(model)
-    if name in reg.configs:
-        raise LoraForgeError(f"an adapter named {name!r} already exists; delete it first or pick another name")
-    if not name or "." in name:
-        raise LoraForgeError(f"adapter name {name!r} must be non-empty and contain no '.'")
+    reg.check_new_name(name)
     paths = [p for p in linear_paths(model) if config.matches(p)]
     if not paths:
         kinds = sorted({p.rsplit(".", 1)[-1] for p in linear_paths(model)})

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import LoraForgeError
+
 
 @dataclass
 class AdapterRegistry:
@@ -17,3 +19,10 @@ class AdapterRegistry:
     configs: dict[str, Any] = field(default_factory=dict)
     active: str | None = None
     merged: str | None = None
+
+    def check_new_name(self, name: str) -> None:
+        """Refuse a name that is taken or that cannot be a module-path component (LoRA and prefix alike)."""
+        if name in self.configs:
+            raise LoraForgeError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        if not name or "." in name:
+            raise LoraForgeError(f"adapter name {name!r} must be non-empty and contain no '.'")

@@ -94,10 +94,7 @@ def add_prefix(model: nn.Module, name: str = "default", config: PrefixConfig | N
     """Add a trainable prefix adapter `name` (everything else keeps its requires_grad); returns its module."""
     config = config or PrefixConfig()
     reg = registry(model)
-    if name in reg.configs:
-        raise LoraForgeError(f"an adapter named {name!r} already exists; delete it first or pick another name")
-    if not name or "." in name:
-        raise LoraForgeError(f"adapter name {name!r} must be non-empty and contain no '.'")
+    reg.check_new_name(name)
     if activate and reg.merged is not None:
         raise LoraForgeError(f"adapter {reg.merged!r} is merged into the base weights; unmerge it before "
                              "activating a prefix adapter")

@@ -167,10 +167,10 @@ class QuantLinear(nn.Module):
         # x: [*, in] -> [*, out] in x.dtype. adapter_ids is accepted so that every projection is
         # called the same way; the frozen base layer has no adapters.
         dtype = self.compute_dtype or x.dtype
-        if not torch.is_grad_enabled():  # inference: no autograd node, and the few-token GEMM form
-            bias = None if self.bias is None else self.bias.to(dtype)
-            return frozen_linear(x.to(dtype), dequantize(self.quant_state, dtype), bias).to(x.dtype)
-        out = QuantMatmul.apply(x.to(dtype), self.quant_state)
+        if torch.is_grad_enabled():
+            out = QuantMatmul.apply(x.to(dtype), self.quant_state)
+        else:  # inference: no autograd node, and the few-token GEMM form
+            out = frozen_linear(x.to(dtype), dequantize(self.quant_state, dtype))
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out.to(x.dtype)
