@@ -168,21 +168,26 @@ def test_not_a_model_file(tmp_path):
 
 @pytest.mark.parametrize("tokens", [1, 2, 8, 64, 65])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_frozen_linear_equals_f_linear(tokens, with_bias):
-    """The few-token GEMM form (W @ x^T) gives F.linear's values and shape, contiguous or as a view."""
+@pytest.mark.parametrize("d_in", [48, 1024])  # 1024: a long input, F.linear's kernel at 5-11 tokens
+def test_frozen_linear_equals_f_linear(tokens, with_bias, d_in):
+    """The few-token GEMM form (W @ x^T) gives F.linear's values and shape, contiguous or as a view, for a
+    row-major input and for a strided one (the transposed output of an earlier product)."""
     from loraforge.model.llama import frozen_linear
 
     g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(1, tokens, 48, generator=g)
-    w, b = torch.randn(40, 48, generator=g), (torch.randn(40, generator=g) if with_bias else None)
+    x = torch.randn(1, tokens, d_in, generator=g)
+    w, b = torch.randn(40, d_in, generator=g), (torch.randn(40, generator=g) if with_bias else None)
     want = torch.nn.functional.linear(x, w, b)
+    strided = torch.randn(d_in, tokens, generator=g).t()[None]  # [1, tokens, d_in], not row-major
+    want_strided = torch.nn.functional.linear(strided, w, b)
     with torch.no_grad():
         for contiguous in (True, False):
             got = frozen_linear(x, w, b, contiguous=contiguous)
             assert got.shape == want.shape
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
             if contiguous:
                 assert got.is_contiguous()
+            torch.testing.assert_close(frozen_linear(strided, w, b, contiguous=contiguous), want_strided, atol=1e-4, rtol=1e-5)
     w.requires_grad_(True)  # with autograd recording, it is F.linear itself
     frozen_linear(x, w, b).sum().backward()
     assert w.grad is not None
