@@ -186,8 +186,11 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    # byte b -> (code[b >> 4], code[b & 15]): one gather per byte decodes both nibbles in order.
-    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # float32 [256, 2]
+    """byte b -> (code[b >> 4], code[b & 15]), both float32s in one int64 [256]: one gather per byte decodes
+    both nibbles in order. A 1-D gather of 8-byte words is 2.7x faster than gathering rows of a [256, 2]
+    float table (1536 x 576 weight, 2 threads: 165 vs 440 us)."""
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # float32 [256, 2]
+    return pairs.view(torch.int64).view(256)
 
 
 def dequantize_4bit(
@@ -203,16 +206,16 @@ def dequantize_4bit(
     chunk = _chunk_len(blocksize)
     flat_bytes = packed.reshape(-1)
     direct = dtype == torch.float32 and n % 2 == 0  # decode straight into the output: no staging copy
-    pairs = out.view(-1, 2) if direct else None
+    words = out.view(torch.int64) if direct else None  # [n / 2]: a value pair per byte
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         byte_idx = flat_bytes[start // 2 : (stop + 1) // 2].to(torch.int32)
         scales = absmax[start // blocksize : -(-stop // blocksize)]
         if direct:
-            torch.index_select(table, 0, byte_idx, out=pairs[start // 2 : stop // 2])
+            torch.index_select(table, 0, byte_idx, out=words[start // 2 : stop // 2])
             _scale_blocks(out[start:stop], scales, blocksize)
         else:
-            values = table.index_select(0, byte_idx).view(-1)[: stop - start]  # float32 [m]
+            values = table.index_select(0, byte_idx).view(torch.float32)[: stop - start]  # float32 [m]
             out[start:stop] = _scale_blocks(values, scales, blocksize)
     return out.view(shape)
 
