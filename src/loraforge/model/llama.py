@@ -31,7 +31,8 @@ from .loss import chunked_cross_entropy
 # 275 us). Two exceptions, measured with cold weights: a contiguous x^T [in, T] (e.g. the transpose of a
 # previous product of this form) takes a 2x slower MKL path, so x is made row-major first (a [T, in] copy);
 # and for a long input (in >= 1024: the MLP's down projection) at 5 <= T <= 11, F.linear's kernel wins
-# (1536 -> 576 at T = 8: 239 vs 283 us; 1536 -> 128: 52 vs 66 us; 576 -> 192 is the other way round). At T = 1 both are a GEMV.
+# (1536 -> 576 at T = 8: 239 vs 283 us; 1536 -> 128: 52 vs 66 us; 576 -> 192 is the other way round).
+# At T = 1 both are a GEMV.
 SKINNY_MAX_TOKENS = 64
 
 
