@@ -142,12 +142,12 @@ def generate(
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     eos = stop_token_ids(model, tokenizer)
     new = generate_ids(model, encoded, params, eos, adapter_ids=adapter_ids, prefix=prefix)
-    texts = []
-    for ids in new:
-        ids = [i for i in ids if i not in eos]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        for s in params.stop:
-            if s and s in text:
-                text = text[: text.index(s)]
-        texts.append(text)
-    return texts
+    return [decode_until_stop(tokenizer, ids, eos, params.stop)[0] for ids in new]
+
+
+def decode_until_stop(tokenizer, ids: list[int], eos: set[int], stop: list[str]) -> tuple[str, bool]:
+    """The text of `ids` without end-of-sequence or special tokens, cut before the earliest stop string
+    (which is not part of it); and whether a stop string was found."""
+    text = tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=True)
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)

@@ -123,22 +123,18 @@ class LoraLinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, adapter_ids: Tensor | None = None) -> Tensor:
-        if adapter_ids is None:
-            name = self.registry.active
-            live = name is not None and name != self.registry.merged and name in self.lora_A
-            # the fused autograd fn is for training; inference runs the plain products below
-            if live and torch.is_grad_enabled() and self._fusable(x, name):
-                base, A, B, s = self.base, self.lora_A[name], self.lora_B[name], self.scaling[name]
-                if _quantized(base):
-                    return _FrozenBaseLora.apply(x, None, base.bias, A, B, s, lambda: base.dequantize(x.dtype))
-                return _FrozenBaseLora.apply(x, base.weight, base.bias, A, B, s)
-        out = self.base(x, adapter_ids)
         if adapter_ids is not None:
-            return self._mixed(x, adapter_ids, out)
+            return self._mixed(x, adapter_ids, self.base(x, adapter_ids))
         name = self.registry.active
         if name is None or name == self.registry.merged or name not in self.lora_A:
-            return out
-        return _add_delta(out, self._one(x, name))
+            return self.base(x)
+        # the fused autograd fn is for training; inference runs the plain products
+        if torch.is_grad_enabled() and self._fusable(x, name):
+            base, A, B, s = self.base, self.lora_A[name], self.lora_B[name], self.scaling[name]
+            if _quantized(base):
+                return _FrozenBaseLora.apply(x, None, base.bias, A, B, s, lambda: base.dequantize(x.dtype))
+            return _FrozenBaseLora.apply(x, base.weight, base.bias, A, B, s)
+        return _add_delta(self.base(x), self._one(x, name))
 
     def _fusable(self, x: Tensor, name: str) -> bool:
         """Whether the single-adapter forward can run as one _FrozenBaseLora (the common training case)."""

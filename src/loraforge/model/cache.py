@@ -1,7 +1,8 @@
 """A preallocated KV cache for a batch of sequences that advance together (gpt-fast style).
 
-Left padding is handled with a per-row key mask: padded slots are never attended to. The serving engine
-keeps one such cache per running batch and copies rows in and out as requests join and leave.
+Left padding is handled with a per-row key mask: padded slots are never attended to. Used by
+`generate_ids`; the serving engine, whose rows start and end at different times, keeps a slot per request
+in `serve.cache.SlotCache` instead.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_kind, attach_adapter
-from ..generate import SamplingParams, encode_prompt, stop_token_ids
-from ..lora import delete_adapter, registry
+from ..generate import SamplingParams, decode_until_stop, encode_prompt, stop_token_ids
+from ..lora import adapter_ids_for, delete_adapter
 from .cache import SlotCache
 from .errors import ServeError
 from .metrics import Metrics
@@ -270,8 +270,8 @@ class Engine:
         self._retire()
 
     def _adapter_ids(self, reqs: list[GenerationRequest]) -> torch.Tensor:
-        index = {n: i for i, n in enumerate(registry(self.model).names)}
-        return torch.tensor([-1 if r.adapter is None else index[r.adapter] for r in reqs], device=self.device)
+        # on the CPU whatever the model's device: every LoRA layer reads them as a list (see LoraLinear._groups)
+        return adapter_ids_for(self.model, [r.adapter for r in reqs])
 
     def _prefill(self, reqs: list[GenerationRequest]) -> torch.Tensor:
         """One forward over the prompts of `reqs` (consecutive slots), right-padded; [n, V] next-token logits."""
@@ -300,10 +300,9 @@ class Engine:
         if tok in self.eos:
             reason = "stop"
         with self._tok_lock:
-            text = self.tokenizer.decode([t for t in req.output_ids if t not in self.eos], skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in p.stop if s) if i >= 0]
-        if hits:  # the earliest stop string ends the text, and is not part of it
-            text, reason = text[:min(hits)], "stop"
+            text, stopped = decode_until_stop(self.tokenizer, req.output_ids, self.eos, p.stop)
+        if stopped:
+            reason = "stop"
         req.text = text
         if reason is None and (len(req.output_ids) >= p.max_new_tokens
                                or len(req.prompt_ids) + len(req.output_ids) >= self.max_len):
