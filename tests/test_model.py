@@ -108,6 +108,20 @@ def test_greedy_matches_transformers_generate(tiny_folder, tiny):
     assert ours == out[0, len(prompt):].tolist()
 
 
+def test_min_tokens_holds_back_end_of_sequence_like_transformers(tiny_folder, tiny):
+    """min_tokens masks end-of-sequence for the first tokens, as transformers' min_new_tokens does."""
+    model, _ = tiny
+    prompt = [11, 22, 33, 44, 55]
+    first = generate_ids(model, [prompt], SamplingParams(max_new_tokens=1), eos_ids=set())[0][0]
+    assert generate_ids(model, [prompt], SamplingParams(max_new_tokens=8), eos_ids={first})[0] == [first]
+    ours = generate_ids(model, [prompt], SamplingParams(max_new_tokens=8, min_tokens=3), eos_ids={first})[0]
+    assert len(ours) >= 3 and first not in ours[:3]
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_folder), dtype=torch.float32).eval()
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=first,
+                      pad_token_id=0, min_new_tokens=3)
+    assert ours == out[0, len(prompt):].tolist()
+
+
 def test_loaded_model_is_frozen_and_dtype_follows_input(tiny):
     model, _ = tiny
     assert not any(p.requires_grad for p in model.parameters())

@@ -114,7 +114,9 @@ def generate_ids(
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     eos = torch.tensor(sorted(eos_ids), device=dev)
     pos = positions[:, -1:] + 1
-    for _ in range(params.max_new_tokens):
+    for step in range(params.max_new_tokens):
+        if step < params.min_tokens and len(eos):  # too early to end: no end-of-sequence token may be drawn
+            logits[:, eos] = float("-inf")
         nxt = sample(logits, params, gen)  # [B]
         for b in range(B):
             if not done[b]:
