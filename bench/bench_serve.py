@@ -16,7 +16,6 @@ run is the one least disturbed by other processes. Prints a table; writes bench/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from loraforge.generate import SamplingParams, encode_prompt  # noqa: E402
 from loraforge.lora import LoraConfig, add_lora, delete_adapter, get_adapter_params, save_adapter  # noqa: E402
 from loraforge.model import load_model  # noqa: E402
+from loraforge.paths import atomic_write_json  # noqa: E402
 from loraforge.serve import Engine  # noqa: E402
 
 QUESTIONS = [
@@ -167,7 +167,7 @@ def main() -> int:
         "ratios": {"b_over_a": tps["b"] / tps["a"], "b_over_c": tps["b"] / tps["c"], "b_over_d": tps["b"] / tps["d"]},
         "greedy_rows_equal": {"b_vs_c": same_b_c, "a_vs_a_prime": same_a_a},
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from .setting import TARGETS, Setting, lora_init, model_folder, rss_bytes, setup_process
+from ..procstat import rss_bytes
+from .setting import Setting, add_ours, add_peft, model_folder, setup_process
 
 B_STD = 0.02  # a visible but harmless adapter
 
@@ -40,18 +41,12 @@ def _measure(s: Setting, vocab: int, run) -> dict:
 
 def _ours(s: Setting, merged: bool) -> dict:
     from ..generate import SamplingParams, generate_ids
-    from ..lora import LoraConfig, add_lora, lora_layers, merge_adapter
+    from ..lora import merge_adapter
     from ..model import load_model
 
     setup_process(s)
     model, _ = load_model(s.model, device="cpu", dtype="float32")
-    add_lora(model, "bench", LoraConfig(r=s.r, alpha=s.alpha, dropout=0.0, targets=list(TARGETS)))
-    layers = dict(lora_layers(model))
-    init = lora_init({p: (m.out_features, m.in_features) for p, m in layers.items()}, s.r, s.seed, B_STD)
-    with torch.no_grad():
-        for p, (A, B) in init.items():
-            layers[p].lora_A["bench"].copy_(A)
-            layers[p].lora_B["bench"].copy_(B)
+    add_ours(model, s, B_STD)
     if merged:
         merge_adapter(model, "bench")
 
@@ -71,21 +66,11 @@ def ours_merged(s: Setting) -> dict:
 
 
 def peft(s: Setting) -> dict:
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     setup_process(s)
     base = AutoModelForCausalLM.from_pretrained(str(model_folder(s)), dtype=torch.float32)
-    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg).eval()
-    prefix = "base_model.model."
-    layers = {n[len(prefix):]: m for n, m in model.named_modules()
-              if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
-    shapes = {p: (m.lora_B["default"].out_features, m.lora_A["default"].in_features) for p, m in layers.items()}
-    with torch.no_grad():
-        for p, (A, B) in lora_init(shapes, s.r, s.seed, B_STD).items():
-            layers[p].lora_A["default"].weight.copy_(A)
-            layers[p].lora_B["default"].weight.copy_(B)
+    model = add_peft(base, s, B_STD).eval()
     pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
 
     @torch.no_grad()

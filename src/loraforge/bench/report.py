@@ -143,8 +143,9 @@ def table(res: dict) -> str:
         lines.append(f"target {k} <= {t['at_most']}: " + ("n/a" if v is None else
                                                            f"{v:.2f} {'met' if t['met'] else 'NOT met'}"))
     m = res["machine"]
-    lines.append(f"machine: {m.get('cpu', '?')}, load average {m.get('loadavg_start', 0):.1f} at start, "
-                 f"{m.get('loadavg_end', 0):.1f} at end (other processes slow every row down)")
+    load = [f"{v:.1f}" if v is not None else "?" for v in (m.get("loadavg_start"), m.get("loadavg_end"))]
+    lines.append(f"machine: {m.get('cpu', '?')}, load average {load[0]} at start, {load[1]} at end "
+                 "(other processes slow every row down)")
     return "\n".join(lines)
 
 

@@ -15,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+from ..paths import atomic_write_json
+from ..procstat import loadavg
 from .report import build, table
-from .setting import Setting, loadavg
+from .setting import Setting
 
 log = logging.getLogger("loraforge")
 
@@ -159,10 +161,7 @@ def run(s: Setting, out: Path, only: list[str] | None = None, timeout: float = 9
             log.info("bench: %-16s %6.0f s  %s", k, time.perf_counter() - t0, status)
     m["loadavg_end"], m["total_s"] = loadavg(), time.perf_counter() - t_all
     res = build(raw, s, m)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_json(out, res)
     print(table(res))
     print(f"results written to {out}")
     return res

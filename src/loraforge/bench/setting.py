@@ -1,4 +1,4 @@
-"""What every benchmark worker shares: the setting, the data, the LoRA initialisation, memory and timing.
+"""What every benchmark worker shares: the setting, the data, the LoRA initialisation and timing.
 
 Each measured system runs in its own process (see ``worker.py``), so these helpers are written to be
 called from any of them and to give both sides of a comparison the same inputs bit for bit.
@@ -7,8 +7,6 @@ called from any of them and to give both sides of a comparison the same inputs b
 from __future__ import annotations
 
 import math
-import os
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -94,29 +92,34 @@ def lora_init(shapes: dict[str, tuple[int, int]], r: int, seed: int, b_std: floa
     return out
 
 
-def rss_bytes() -> dict[str, int]:
-    """Current and peak resident set size of this process (VmRSS / VmHWM), in bytes."""
-    vals = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                k, v = line.split(":")
-                vals[k] = int(v.split()[0]) * 1024
-    return {"rss": vals.get("VmRSS", 0), "peak": vals.get("VmHWM", 0)}
+def add_ours(model, s: Setting, b_std: float = 0.0) -> None:
+    """Add loraforge's adapter "bench" (r, alpha of the setting, every target) with lora_init's weights."""
+    from ..lora import LoraConfig, add_lora, lora_layers
+
+    add_lora(model, "bench", LoraConfig(r=s.r, alpha=s.alpha, dropout=0.0, targets=list(TARGETS)))
+    layers = dict(lora_layers(model))
+    init = lora_init({p: (m.out_features, m.in_features) for p, m in layers.items()}, s.r, s.seed, b_std)
+    with torch.no_grad():
+        for p, (A, B) in init.items():
+            layers[p].lora_A["bench"].copy_(A)
+            layers[p].lora_B["bench"].copy_(B)
 
 
-def reset_peak_rss() -> bool:
-    """Make VmHWM restart from the current RSS (Linux clear_refs 5), to measure one phase's peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def add_peft(base, s: Setting, b_std: float = 0.0):
+    """PEFT's LoRA model around a transformers `base`, same adapter and the same weights as add_ours."""
+    from peft import LoraConfig, get_peft_model
 
-
-def maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    prefix = "base_model.model."
+    layers = {n[len(prefix):]: m for n, m in model.named_modules()
+              if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    shapes = {p: (m.lora_B["default"].out_features, m.lora_A["default"].in_features) for p, m in layers.items()}
+    with torch.no_grad():
+        for p, (A, B) in lora_init(shapes, s.r, s.seed, b_std).items():
+            layers[p].lora_A["default"].weight.copy_(A)
+            layers[p].lora_B["default"].weight.copy_(B)
+    return model
 
 
 class StepTimer:
@@ -137,10 +140,3 @@ class StepTimer:
     def median(self, first: int) -> float:
         """Median wall seconds over steps first.. (1-based)."""
         return statistics.median(self.wall[first - 1:])
-
-
-def loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from .setting import TARGETS, Setting, StepTimer, batches, lora_init, reset_peak_rss, rss_bytes, setup_process
+from ..procstat import reset_peak_rss, rss_bytes
+from .setting import Setting, StepTimer, add_ours, add_peft, batches, setup_process
 
 
 def _train(s: Setting, model, forward, params, load_peak: int) -> dict:
@@ -49,19 +50,13 @@ def _train(s: Setting, model, forward, params, load_peak: int) -> dict:
 
 
 def ours(s: Setting, quantize: str | None = None) -> dict:
-    from ..lora import LoraConfig, add_lora, lora_layers, set_trainable_params
+    from ..lora import set_trainable_params
     from ..model import load_model
 
     setup_process(s)
     model, _ = load_model(s.model, device="cpu", dtype="float32", quantize=quantize)
     load_peak = rss_bytes()["peak"]
-    add_lora(model, "bench", LoraConfig(r=s.r, alpha=s.alpha, dropout=0.0, targets=list(TARGETS)))
-    layers = dict(lora_layers(model))
-    init = lora_init({p: (m.out_features, m.in_features) for p, m in layers.items()}, s.r, s.seed)
-    with torch.no_grad():
-        for p, (A, B) in init.items():
-            layers[p].lora_A["bench"].copy_(A)
-            layers[p].lora_B["bench"].copy_(B)
+    add_ours(model, s)
     params = set_trainable_params(model, "bench")
     model.gradient_checkpointing = s.grad_checkpointing
     model.train()
@@ -70,7 +65,6 @@ def ours(s: Setting, quantize: str | None = None) -> dict:
 
 
 def peft(s: Setting, quantize: str | None = None) -> dict:
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .setting import model_folder
@@ -87,16 +81,7 @@ def peft(s: Setting, quantize: str | None = None) -> dict:
     base = AutoModelForCausalLM.from_pretrained(str(model_folder(s)), dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(model_folder(s)))  # as load_model does for ours
     load_peak = rss_bytes()["peak"]
-    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
-    prefix = "base_model.model."
-    layers = {n[len(prefix):]: m for n, m in model.named_modules()
-              if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
-    shapes = {p: (m.lora_B["default"].out_features, m.lora_A["default"].in_features) for p, m in layers.items()}
-    with torch.no_grad():
-        for p, (A, B) in lora_init(shapes, s.r, s.seed).items():
-            layers[p].lora_A["default"].weight.copy_(A)
-            layers[p].lora_B["default"].weight.copy_(B)
+    model = add_peft(base, s)
     if s.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from .setting import Setting, rss_bytes
+    from ..procstat import rss_bytes
+    from .setting import Setting
 
     name, setting = argv[0], Setting.from_json(json.loads(argv[1]))
     try:

@@ -6,7 +6,6 @@ Everything here reads real tensors, files or kernel counters; nothing is compute
 
 from __future__ import annotations
 
-import resource
 import statistics
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,6 @@ from typing import Any
 from torch import nn
 
 from ..lora.peft_io import CONFIG_FILE, WEIGHTS_FILE
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -66,11 +53,6 @@ def step_stats(records: list[dict[str, Any]]) -> dict[str, float | None]:
 def read_split(cfg) -> tuple[list, list]:
     """(train records, validation records) exactly as the trainer splits them for these settings, so the
     base row and full fine-tuning see the records the adapters were trained and validated on."""
-    from ..data import read_records, split_records
+    from ..train.trainer import read_data
 
-    records = read_records(cfg.data, cfg.format)
-    if cfg.val:
-        return records, read_records(cfg.val, cfg.format)
-    if cfg.val_split > 0 and len(records) < 2:
-        return records, []
-    return split_records(records, cfg.val_split, seed=cfg.seed)
+    return read_data(cfg.train_config(cfg.methods[0]))

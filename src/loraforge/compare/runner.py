@@ -19,8 +19,9 @@ from typing import Any
 
 from ..errors import LoraForgeError
 from ..paths import atomic_write_json, atomic_write_text
+from ..procstat import loadavg
 from .config import BASE, FULL, LABELS, CompareConfig
-from .full import activation_bytes, available_memory, plan, skip_reason
+from .full import ADAMW_BYTES_PER_PARAM, activation_bytes, available_memory, plan, skip_reason
 
 log = logging.getLogger("loraforge")
 
@@ -33,7 +34,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     out = cfg.out_dir()
     _check_out(out, cfg)
     train_records, val_records = read_split(cfg)  # bad data fails here, in one line, before any worker starts
-    load_start, t_all = _loadavg(), time.perf_counter()
+    load_start, t_all = loadavg(), time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
     names = cfg.rows()
     for i, name in enumerate(names, 1):
@@ -63,7 +64,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                      "lr": {n: cfg.lr_for(n) for n in names if n != BASE},
                      "train_records": len(train_records), "val_records": len(val_records)},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_start": load_start, "loadavg_end": _loadavg()},
+                    "loadavg_start": load_start, "loadavg_end": loadavg()},
         "wall_s": time.perf_counter() - t_all,
         "rows": {n: {**r, "curve": _curve(out / n)} for n, r in rows.items()},
     }
@@ -109,7 +110,8 @@ def _full_plan(cfg: CompareConfig, rows: dict[str, dict[str, Any]]) -> dict[str,
                              "unknown; pass --no-full or fix that first")
     lora = rows.get("lora", {})
     if "peak_rss" in lora:
-        acts, source = max(0, lora["peak_rss"] - lora["base_bytes"] - 16 * lora["trainable"]), "lora run"
+        adapter_state = ADAMW_BYTES_PER_PARAM * lora["trainable"]
+        acts, source = max(0, lora["peak_rss"] - lora["base_bytes"] - adapter_state), "lora run"
     else:
         seq = min(base["longest_row"], cfg.max_len)
         acts, source = activation_bytes(base["dims"], cfg.batch_size, seq), "formula"
@@ -145,10 +147,3 @@ def _summary(res: dict[str, Any]) -> str:
     if res.get("exact_match") is not None:
         bits.append(f"exact match {res['em_correct']}/{res['em_total']}")
     return ", ".join(bits)
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None

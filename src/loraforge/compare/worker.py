@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ..errors import LoraForgeError
+from ..procstat import rss_bytes
 from .config import BASE, FULL, CompareConfig
-from .measure import adapter_bytes, held_weight_bytes, peak_rss, read_split, step_stats, trainable_count
+from .measure import adapter_bytes, held_weight_bytes, read_split, step_stats, trainable_count
 
 
 def _scores(cfg: CompareConfig, model, tok, val_records) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def _trained(cfg: CompareConfig, row: str, model, tok, out, train_s: float) -> d
     from ..model.loading import count_parameters
     from ..train.metrics import read_metrics
 
-    peak = peak_rss()  # before exact match: its generation is not part of training
+    peak = rss_bytes()["peak"]  # before exact match: its generation is not part of training
     records = read_metrics(out / "metrics.jsonl")
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     trainable = trainable_count(model)

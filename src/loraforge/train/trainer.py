@@ -75,7 +75,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if last is not None:
         _check_resumable(last, cfg)
 
-    train_records, val_records = _read_data(cfg)
+    train_records, val_records = read_data(cfg)
     from ..model import load_model
 
     model, tok = load_model(cfg.model, device=cfg.device, dtype="float32", quantize=base_quantization(cfg.method))
@@ -282,7 +282,8 @@ def _check_resumable(path: Path, cfg: TrainConfig) -> None:
                              "resume with the same settings (or train into a new --out)")
 
 
-def _read_data(cfg: TrainConfig):
+def read_data(cfg: TrainConfig):
+    """(train records, validation records): the --val file, or a seeded --val-split of the data."""
     from ..data import read_records, split_records
 
     records = read_records(cfg.data, cfg.format, cfg.skip_bad_lines)
