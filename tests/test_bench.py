@@ -30,3 +30,16 @@ def test_quick_bench_writes_results(tiny_folder, tmp_path):
     assert res["lora_step_ratio_vs_peft"] > 0 and res["lora_step_over_floor"] > 0
     assert res["first_step_loss"]["ok"], res["first_step_loss"]
     assert "LoRA step" in r.stdout and "floor:" in r.stdout
+
+
+def test_quick_bench_runs_the_qlora_rows_alone(tiny_folder, tmp_path):
+    """`--only qlora` prints its own loss-parity line (it once read the LoRA rows' losses and crashed)."""
+    out = tmp_path / "results.json"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run([sys.executable, "-m", "loraforge", "bench", "--quick", "--model", str(tiny_folder),
+                        "--only", "qlora", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=230)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["qlora_step_ratio_vs_peft_bnb"] > 0
+    assert "QLoRA first-step loss" in r.stdout and "LoRA first-step loss" not in r.stdout.replace("QLoRA", "")

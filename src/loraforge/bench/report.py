@@ -28,7 +28,7 @@ def _loss_check(ours: dict | None, anchor: dict | None) -> dict | None:
         return None
     diffs = [abs(a - b) for a, b in zip(ours["losses"], anchor["losses"], strict=False)]
     return {"ours": ours["losses"][0], "peft": anchor["losses"][0], "abs_diff": diffs[0],
-            "max_abs_diff_all_steps": max(diffs), "ok": diffs[0] <= LOSS_TOL}
+            "max_abs_diff_all_steps": max(diffs), "steps": len(diffs), "ok": diffs[0] <= LOSS_TOL}
 
 
 def build(raw: dict[str, dict], s: Setting, machine: dict) -> dict:
@@ -137,7 +137,7 @@ def table(res: dict) -> str:
         if loss:
             lines.append(f"{what} first-step loss: loraforge {loss['ours']:.6f}, PEFT {loss['peft']:.6f}, |diff| "
                          f"{loss['abs_diff']:.1e} ({'ok' if loss['ok'] else 'MISMATCH'}, tolerance {LOSS_TOL:g}); "
-                         f"max over all {len(raw['lora_ours']['losses'])} steps {loss['max_abs_diff_all_steps']:.1e}")
+                         f"max over all {loss['steps']} steps {loss['max_abs_diff_all_steps']:.1e}")
     for k, t in res["targets"].items():
         v = t["value"]
         lines.append(f"target {k} <= {t['at_most']}: " + ("n/a" if v is None else
