@@ -243,3 +243,39 @@ def test_add_lora_bounds_rank_by_the_layer_before_wrapping(tiny, cfg, match):
     assert_untouched(model, before)
     add_lora(model, "a", LoraConfig(r=16))  # min(in, out) of k_proj / v_proj is exactly 16
     delete_adapter(model, "a")
+
+
+# -- adapter_config keys PEFT writes ------------------------------------------------------------------------------
+
+
+def test_adapter_saved_by_peft_loads_without_warnings(tiny_folder, tiny, tmp_path, caplog):
+    import logging
+
+    from test_peft_parity import peft_saved_adapter
+
+    peft_saved_adapter(tiny_folder, tmp_path / "p", seed=2)
+    raw = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert "kasa_config" in raw or len(raw) > 30  # PEFT 0.21 writes every option it has, mostly null
+    model, _ = tiny
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        load_adapter(model, tmp_path / "p")
+    assert [r.getMessage() for r in caplog.records if r.name == "loraforge"] == []
+    # an option we do not know, set to something, still warns, naming its value
+    edit_config(tmp_path / "p", kasa_config={"k": 2}, future_flag=None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        load_adapter(model, tmp_path / "p", "again")
+    assert "kasa_config={'k': 2}" in caplog.text and "future_flag" not in caplog.text
+
+
+def test_dora_saved_by_peft_is_refused_not_ignored(tiny_folder, tiny, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from test_peft_parity import hf_model
+
+    pm = get_peft_model(hf_model(tiny_folder), PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                              task_type="CAUSAL_LM"))
+    pm.save_pretrained(str(tmp_path / "dora"))
+    model, _ = tiny
+    msg = refused(model, tmp_path / "dora", r"use_dora=True \(DoRA")
+    assert "adapter_config.json" in msg
