@@ -162,3 +162,12 @@ def test_adapters_load_whatever_base_name_they_record(tiny_folder, tiny, tmp_pat
     raw["base_model_name_or_path"] = base
     (out / "adapter_config.json").write_text(json.dumps(raw))
     assert load_adapter(model, out, "b") == "b" and "b" in registry(model).names
+
+
+@pytest.mark.parametrize("blocksize", [1e999, "64", 64.5])
+def test_quantization_config_with_a_bad_blocksize(blocksize):
+    from loraforge.quant.checkpoint import spec_from_config
+
+    with pytest.raises(LoraForgeError, match="config.json: quantization_config: blocksize must be an integer"):
+        spec_from_config({"quantization_config": {"quant_method": "loraforge", "quant_type": "int8",
+                                                  "blocksize": blocksize}}, "config.json")
