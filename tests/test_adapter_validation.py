@@ -279,3 +279,19 @@ def test_dora_saved_by_peft_is_refused_not_ignored(tiny_folder, tiny, tmp_path):
     model, _ = tiny
     msg = refused(model, tmp_path / "dora", r"use_dora=True \(DoRA")
     assert "adapter_config.json" in msg
+
+
+def test_server_engine_refuses_a_nan_adapter_and_serves_on(saved, tiny, tmp_path):
+    """The server's load endpoint goes through Engine.load_adapter: the same refusal, the model unchanged."""
+    from loraforge.serve.engine import Engine
+
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2, max_len=32)
+    bad = edit_config(copy(saved[0], tmp_path), alpha_pattern={".*": float("nan")})
+    before = snapshot(model)
+    with pytest.raises(LoraForgeError, match="alpha_pattern"):
+        engine.load_adapter("bad", bad)
+    assert_untouched(model, before)
+    assert engine.adapters == {}
+    engine.load_adapter("good", saved[0])
+    assert engine.adapters == {"good": str(saved[0])}
