@@ -118,6 +118,12 @@ def test_finite_alpha_whose_update_overflows_is_refused(saved, tiny, tmp_path):
     assert "q_proj" in msg or "v_proj" in msg or "down_proj" in msg
 
 
+def test_lora_weights_beyond_fp16_are_refused(saved, tiny_folder, tmp_path):
+    bad = edit_tensors(copy(saved[0], tmp_path), _set(f"{Q}.lora_A.weight", 1e5))  # finite in fp32, inf in fp16
+    model, _ = load_model(str(tiny_folder), device="cpu", dtype="float16")
+    refused(model, bad, "beyond what torch.float16 holds")
+
+
 def test_non_finite_prefix_is_refused(saved, tiny, tmp_path):
     bad = edit_tensors(copy(saved[1], tmp_path), _set("prompt_embeddings", float("nan")))
     model, _ = tiny
