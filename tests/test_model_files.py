@@ -171,3 +171,9 @@ def test_quantization_config_with_a_bad_blocksize(blocksize):
     with pytest.raises(LoraForgeError, match="config.json: quantization_config: blocksize must be an integer"):
         spec_from_config({"quantization_config": {"quant_method": "loraforge", "quant_type": "int8",
                                                   "blocksize": blocksize}}, "config.json")
+
+
+def test_a_very_long_model_path_is_one_sentence(tmp_path):
+    for path in ("m" * 5000, str(tmp_path / "/".join(["d"] * 2500))):
+        msg = one_sentence(lambda p=path: resolve_source(p), "cannot read")
+        assert len(msg) < 400
