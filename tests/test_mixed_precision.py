@@ -115,3 +115,22 @@ def test_dtype_auto_follows_the_cpu_verdict_and_the_load_line_says_why(tiny_fold
     want = "bfloat16" if verdict["fast"] else "float32"
     line = next(ln for ln in r.stderr.splitlines() if "loaded" in ln)
     assert f"{want} on cpu" in line and "auto:" in line, line
+
+
+def test_save_dtype_bf16_halves_the_adapter_and_loads_back(tmp_path, data, tiny_folder):
+    from loraforge import load_model
+    from loraforge.adapters import attach_adapter
+
+    cfg = TrainConfig(data=str(data), model=str(tiny_folder), out=str(tmp_path / "r"), device="cpu", dtype="float32",
+                      rank=4, alpha=8, batch_size=4, max_steps=2, eval_every=0, save_every=0, save_dtype="bfloat16")
+    res = train(cfg)
+    tensors = load_file(str(tmp_path / "r" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    model, _ = load_model(str(tiny_folder), device="cpu", dtype="float32")
+    attach_adapter(model, tmp_path / "r", "x")  # a loaded adapter takes the model's compute dtype
+    ours = dict(res.model.named_parameters())
+    loaded = {n[: -len(".x")]: p for n, p in model.named_parameters() if n.endswith(".x")}
+    assert loaded and len(loaded) == len(tensors)
+    for name, p in loaded.items():
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, ours[name + ".default"].detach().to(torch.bfloat16).float())

@@ -79,15 +79,19 @@ def warn_unknown_keys(raw: dict, known: set[str], where: str) -> None:
                     ", ".join(f"{k}={raw[k]!r}" for k in unknown))
 
 
-def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_name: str | None = None) -> Path:
-    """Write adapter `name` as a PEFT LoRA folder (atomically: a crash leaves the old folder or none)."""
+def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_name: str | None = None,
+                 dtype: torch.dtype | None = torch.float32) -> Path:
+    """Write adapter `name` as a PEFT LoRA folder (atomically: a crash leaves the old folder or none).
+
+    The tensors are written in `dtype`: fp32 by default, as PEFT writes adapters, whatever precision the
+    model runs in (None keeps each tensor's own dtype; bf16 halves the file)."""
     reg = registry(model)
     cfg: LoraConfig = reg.configs[require_lora(model, name, "save as a LoRA adapter")]
     tensors, targets = {}, set()
     for path, layer in lora_layers(model):
         if name in layer.lora_A:
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach().cpu()
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach().cpu()
+            for part, t in (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name])):
+                tensors[f"{PREFIX}{path}.{part}.weight"] = t.detach().to("cpu", dtype or t.dtype)
             targets.add(path.rsplit(".", 1)[-1])
     config = {
         "peft_type": "LORA",
