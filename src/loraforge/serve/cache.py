@@ -8,6 +8,12 @@ The model talks to a cache through ``update(layer, k, v)``, ``length``, ``advanc
 ``attention_mask(S)``; ``prefill_view`` and ``decode_view`` return small objects with that interface for
 one forward: a prefill writes one sequence into its own slot, a decode step appends one token to every
 running slot at its own position. A prefix adapter would later join as the first P positions of a slot.
+
+Isolation: a decode step reads every running slot up to the longest row, so a row's keys and values past
+its own length are read too, behind a mask. A masked weight of 0 times a stale NaN or infinity (left by an
+earlier occupant whose adapter produced them) is NaN, so a slot never shows another request's values: the
+positions a new occupant does not overwrite are zeroed when it takes the slot (`written` tracks how far
+each slot holds data).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class SlotCache:
         self.k = torch.zeros(n_layers, slots, n_kv, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.lengths = [0] * slots  # cached positions per slot
+        self.written = [0] * slots  # positions of each slot that may hold values (padding and past occupants)
         self.slots, self.max_len = slots, max_len
 
     @classmethod
@@ -35,7 +42,16 @@ class SlotCache:
         n = self.lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self._clear(dst, n)
         self.lengths[dst] = n
+
+    def _clear(self, slot: int, start: int) -> None:
+        """Zero `slot` from position `start` to the end of what it holds (a past occupant's values)."""
+        end = self.written[slot]
+        if end > start:
+            self.k[:, slot, :, start:end] = 0
+            self.v[:, slot, :, start:end] = 0
+        self.written[slot] = start
 
     def prefill_view(self, slot: int, lengths: list[int]) -> _PrefillView:
         """Prompts of `lengths` tokens, right-padded into one batch, written into slots slot, slot + 1, ..."""
@@ -44,6 +60,7 @@ class SlotCache:
                              f"fit {self.slots} slots of {self.max_len} positions")
         for i in range(len(lengths)):
             self.lengths[slot + i] = 0
+            self._clear(slot + i, max(lengths))  # positions below max(lengths) are all overwritten
         return _PrefillView(self, slot, lengths)
 
     def decode_view(self, n: int) -> _DecodeView:
@@ -116,6 +133,7 @@ class _DecodeView:
     def advance(self, n: int) -> None:
         for b in range(self.n):
             self.c.lengths[b] += n
+            self.c.written[b] = max(self.c.written[b], self.c.lengths[b])
 
     def attention_mask(self, S: int = 1) -> Tensor:  # noqa: ARG002 - always one query per row
         # [n, 1, 1, T] bool: row b sees its own keys 0 .. pos[b]; the rest of the slot is stale or empty

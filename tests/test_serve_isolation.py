@@ -1,0 +1,42 @@
+"""One tenant cannot corrupt another: a non-finite adapter's rows never reach another row's output, even
+through a reused KV-cache slot, and adapter names cannot collide with a module's own attributes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import NAMES, engine  # noqa: F401 - the engine fixture (tiny model, adapters a0..a3)
+
+from loraforge.errors import LoraForgeError
+from loraforge.generate import SamplingParams
+from loraforge.lora import LoraConfig, add_lora, delete_adapter, get_adapter_params, registry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def poison(model, name: str) -> None:
+    """NaN in every tensor of a loaded adapter (as if load-time validation had been bypassed)."""
+    with torch.no_grad():
+        for p in get_adapter_params(model, name).values():
+            p.fill_(float("nan"))
+
+
+def test_a_nan_adapter_never_reaches_another_row_or_a_reused_slot(engine):  # noqa: F811
+    poison(engine.model, "a1")
+    tok = engine.tokenizer
+    long = tok("one two three four five six seven eight nine ten " * 3)["input_ids"]  # ~30 tokens
+    mid = tok("the quick brown fox jumps over the lazy dog and then " * 2)["input_ids"]
+    short = tok("hi")["input_ids"]
+    few, many = SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=12)
+    alone = {name: engine.generate([p], many, [a])[0].token_ids
+             for name, p, a in [("mid", mid, None), ("short", short, "a0"), ("long", long, None)]}
+    # The NaN row (slot 0, longest prompt) leaves after 2 tokens; the short row moves into its slot while
+    # the mid row keeps the batch's key span past the short row's own positions.
+    got = engine.generate([long, mid, short], [few, many, many], ["a1", None, "a0"])
+    assert got[1].token_ids == alone["mid"]
+    assert got[2].token_ids == alone["short"]
+    # Later requests take the slots the NaN row wrote into: still their solo outputs.
+    again = engine.generate([short, long], [many, many], ["a0", None])
+    assert [c.token_ids for c in again] == [alone["short"], alone["long"]]
+    # the NaN adapter really was poisoned (its own row is junk)
+    assert engine.generate([long], few, ["a1"])[0].token_ids != engine.generate([long], few, [None])[0].token_ids
