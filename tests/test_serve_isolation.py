@@ -40,3 +40,24 @@ def test_a_nan_adapter_never_reaches_another_row_or_a_reused_slot(engine):  # no
     assert [c.token_ids for c in again] == [alone["short"], alone["long"]]
     # the NaN adapter really was poisoned (its own row is junk)
     assert engine.generate([long], few, ["a1"])[0].token_ids != engine.generate([long], few, [None])[0].token_ids
+
+
+BAD_NAMES = ["_parameters", "forward", "keys", "to", "__class__", "", "a.b", "a/b", "x" * 65, "-x", "with space"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_adapter_names_that_could_break_a_module_are_refused(engine, name):  # noqa: F811
+    model = engine.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoraForgeError, match="letters, digits, '-' or '_'"):
+        add_lora(model, name, LoraConfig(r=2))
+    with pytest.raises(LoraForgeError, match="letters, digits, '-' or '_'"):
+        engine.load_adapter(name, engine.dirs["a0"])
+    assert model.state_dict().keys() == before.keys() and name not in registry(model).configs
+    # loading, using and unloading keep working afterwards
+    add_lora(model, "fine_name-2", LoraConfig(r=2), activate=False)
+    delete_adapter(model, "fine_name-2")
+    engine.load_adapter("again", engine.dirs["a0"])
+    assert engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2), ["again"])[0].token_ids
+    engine.unload_adapter("again")
+    assert sorted(engine.adapters) == NAMES

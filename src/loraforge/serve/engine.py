@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_kind, attach_adapter
+from ..errors import LoraForgeError
 from ..generate import SamplingParams, decode_until_stop, encode_prompt, stop_token_ids
 from ..lora import adapter_ids_for, delete_adapter
+from ..lora.registry import check_adapter_name
 from .cache import SlotCache
 from .errors import ServeError
 from .metrics import Metrics
@@ -96,8 +98,10 @@ class Engine:
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Attach the LoRA folder at `path` as `name`. Engine thread only (it changes the model)."""
-        if not name or "." in name or "/" in name:
-            raise ServeError(f"lora_name {name!r} must be non-empty and contain no '.' or '/'", param="lora_name")
+        try:
+            check_adapter_name(name)
+        except LoraForgeError as e:
+            raise ServeError(f"lora_name: {e}", param="lora_name") from None
         if name == self.base_name or name in self.adapters:
             raise ServeError(f"lora_name {name!r} is already in use; unload it first or pick another name",
                              param="lora_name")
