@@ -23,6 +23,8 @@ def register(p):
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-model-len", type=int, default=2048,
                    help="context length per sequence, prompt + completion (capped by the model's)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="refuse request bodies larger than this with 413 (default: 4 MiB)")
     add_model_args(p)
 
 
@@ -42,6 +44,8 @@ def run(args) -> int:
         raise LoraForgeError(f"--max-batch must be between 1 and 1024, got {args.max_batch}")
     if args.max_model_len < 2:
         raise LoraForgeError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1024:
+        raise LoraForgeError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     adapters = parse_named_adapters(args.adapter)
     model, tok = load_from_args(args)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_model_len)
@@ -51,7 +55,8 @@ def run(args) -> int:
         except LoraForgeError as e:
             raise LoraForgeError(f"--adapter {name}={path}: {e}") from None
         log.info("adapter %s loaded from %s", name, path)
-    app = create_app(engine, api_key=args.api_key, adapters_dir=args.adapters_dir)
+    limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
+    app = create_app(engine, api_key=args.api_key, adapters_dir=args.adapters_dir, **limit)
     log.info("serving %s with %d adapters on http://%s:%d (API docs at /docs)", engine.base_name,
              len(engine.adapters), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

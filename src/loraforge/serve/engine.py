@@ -19,6 +19,7 @@ Threading: ``add_request`` and ``abort`` may be called from any thread. ``step``
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from collections import Counter, deque
@@ -92,8 +93,13 @@ class Engine:
         self._in_use: Counter[str] = Counter()
         self._draining: set[str] = set()
         self._ids = itertools.count()
-        # A fast tokenizer may refuse to be used from two threads at once ("Already borrowed").
+        # A fast tokenizer may refuse to be used from two threads at once ("Already borrowed"). The engine
+        # thread decodes with `tokenizer` under _tok_lock; prompts are encoded with a copy under _enc_lock,
+        # so a long prompt being tokenized never holds up a decode step.
         self._tok_lock = threading.Lock()
+        self._enc_lock = threading.Lock()
+        self._enc_tokenizer = None  # the copy, made on first use
+        self._max_token_chars = 0
 
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
@@ -146,12 +152,24 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], chat: bool) -> list[int]:
-        """Prompt token ids (chat messages go through the chat template). Any thread."""
-        with self._tok_lock:
+        """Prompt token ids (chat messages go through the chat template). Any thread but the engine's.
+
+        A text with more characters than max_len tokens can hold (max_len x the longest token's characters)
+        is refused before it is tokenized: tokenizing megabytes takes seconds and a lot of memory."""
+        field = "messages" if chat else "prompt"
+        with self._enc_lock:
+            if self._enc_tokenizer is None:
+                self._enc_tokenizer = copy.deepcopy(self.tokenizer)
+                # A token's string form has at least as many characters as the text it stands for.
+                self._max_token_chars = max(map(len, self._enc_tokenizer.get_vocab()), default=1)
+            chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+            if chars > self.max_len * self._max_token_chars:
+                raise ServeError(f"{field}: {chars} characters cannot fit this model's maximum context length of "
+                                 f"{self.max_len} tokens (a token is at most {self._max_token_chars} characters)",
+                                 param=field, code="context_length_exceeded")
             try:
-                return encode_prompt(self.tokenizer, prompt, chat)
+                return encode_prompt(self._enc_tokenizer, prompt, chat)
             except Exception as e:  # noqa: BLE001 - a template rejecting odd messages is the user's input
-                field = "messages" if chat else "prompt"
                 raise ServeError(f"{field}: cannot be encoded ({type(e).__name__}: {e})", param=field) from None
 
     def resolve_model(self, model: str | None) -> str | None:
@@ -333,7 +351,7 @@ class Engine:
         with self._lock:
             if req.adapter is not None:
                 self._in_use[req.adapter] -= 1
-        self.metrics.finished(len(req.prompt_ids), ok=reason != "abort")
+        self.metrics.finished(len(req.prompt_ids), "cancelled" if reason == "abort" else "served")
 
     def _retire(self) -> None:
         """Drop finished sequences; the last running one moves into each freed slot to keep slots contiguous."""
@@ -358,7 +376,7 @@ class Engine:
         for r in reqs:
             if r.finish_reason is None:
                 r.finish_reason = "error"
-                self.metrics.finished(len(r.prompt_ids), ok=False)
+                self.metrics.finished(len(r.prompt_ids), "failed")
         return reqs
 
 

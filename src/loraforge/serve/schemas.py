@@ -1,19 +1,29 @@
-"""Request and response bodies of the OpenAI-compatible API (the fields we honour; unknown ones are ignored)."""
+"""Request and response bodies of the OpenAI-compatible API.
+
+Requests are strict, as OpenAI's are: no type coercion (``max_tokens: "5"``, ``stream: "yes"`` and
+``prompt: [true]`` are 400s) and no silently ignored fields. A field we do not honour is refused by name
+(an unknown field, or a known one such as ``logprobs`` set to anything but its neutral value), so a client
+never gets an answer computed without what it asked for.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Extra fields (user, logit_bias, presence_penalty, ...) are accepted and ignored, as vLLM does, so that
-# clients that always send them keep working; NaN and infinity are refused everywhere.
-_REQUEST = ConfigDict(extra="ignore", allow_inf_nan=False)
+_REQUEST = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
     model_config = _REQUEST
     include_usage: bool = False
+
+
+def _neutral(name: str, value, neutral: tuple) -> None:
+    if value not in neutral:
+        raise ValueError(f"{name} is not supported by this server; leave it out or send {json.dumps(neutral[0])}")
 
 
 class SamplingFields(BaseModel):
@@ -31,6 +41,23 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    user: str | None = Field(None, description="an end-user id (accepted for compatibility; not used)")
+    # Accepted only at their neutral value, for clients that always send them: not implemented here.
+    presence_penalty: float = Field(0.0, description="only 0 (penalties are not implemented)")
+    frequency_penalty: float = Field(0.0, description="only 0 (penalties are not implemented)")
+    logit_bias: dict[str, float] | None = Field(None, description="only empty (not implemented)")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v, info):
+        _neutral(info.field_name, v, (0.0,))
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v, info):
+        _neutral(info.field_name, v or None, (None,))
+        return v
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -46,7 +73,14 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _REQUEST
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(None, description="required except in an assistant message")
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -57,11 +91,41 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    logprobs: bool | None = Field(None, description="only false (log-probabilities are not returned)")
+    top_logprobs: int | None = Field(None, description="only 0 (log-probabilities are not returned)")
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v, info):
+        _neutral(info.field_name, v, (False, None, 0) if info.field_name == "logprobs" else (0, None))
+        return v
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] = Field(description="a string, or token ids")
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, description="only null (log-probabilities are not returned)")
+    echo: bool = Field(False, description="only false")
+    best_of: int | None = Field(None, description="only 1")
+    suffix: str | None = Field(None, description="only null")
+
+    @field_validator("logprobs", "suffix")
+    @classmethod
+    def _no_logprobs(cls, v, info):
+        _neutral(info.field_name, v, (None,))
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v, info):
+        _neutral(info.field_name, v, (False,))
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _one(cls, v, info):
+        _neutral(info.field_name, v, (1, None))
+        return v
 
 
 class LoadLoraRequest(BaseModel):
