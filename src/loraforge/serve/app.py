@@ -139,7 +139,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
     async def _invalid(_req: Request, e: RequestValidationError):
         # FastAPI answers 422 with its own shape; OpenAI clients expect 400 and {"error": ...} naming the field.
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query")]
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
             return error_response(400, f"the request body is not valid JSON ({msg})")
