@@ -210,10 +210,14 @@ def test_a_weights_file_symlinked_out_of_the_adapters_dir_is_refused(served):  #
     assert served.http.post("/v1/unload_lora_adapter", json={"lora_name": "inside"}).status_code == 200
 
 
-def test_models_shows_names_not_server_paths(served):  # noqa: F811
+def test_models_and_load_errors_show_names_not_server_paths(served):  # noqa: F811
     text = served.http.get("/v1/models").text
     assert str(served.adapters_dir) not in text and "/" not in "".join(
         m.get("root") or "" for m in json.loads(text)["data"])
+    (served.adapters_dir / "empty").mkdir()
+    for path in ["nope", "empty"]:
+        r = served.http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert r.status_code == 400 and path in r.text and str(served.adapters_dir) not in r.text, r.text
 
 
 def rss_mb() -> float:

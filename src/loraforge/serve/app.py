@@ -184,10 +184,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
         path = resolve_inside(adapters_root, body.lora_path)
         try:
             await runner.call(engine.load_adapter, body.lora_name, path)
-        except ServeError:
-            raise
-        except LoraForgeError as e:
-            raise ServeError(f"lora_path {body.lora_path!r}: {e}", param="lora_path") from None
+        except LoraForgeError as e:  # named as the client named it: the server's own paths are its business
+            msg = str(e).replace(str(path), body.lora_path)
+            if isinstance(e, ServeError):
+                raise ServeError(msg, e.status, e.param, e.code) from None
+            raise ServeError(f"lora_path {body.lora_path!r}: {msg}", param="lora_path") from None
         return {"object": "lora_adapter", "lora_name": body.lora_name, "status": "loaded"}
 
     @v1.post("/unload_lora_adapter")
