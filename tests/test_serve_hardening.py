@@ -14,6 +14,7 @@ import time
 
 import pytest
 from test_serve import KEY, served  # noqa: F401 - the module's server fixture (tiny model, adapters a0..a3, API key)
+from test_serve_isolation import make_prefix_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,3 +238,14 @@ def test_big_requests_leave_no_memory_behind(served):  # noqa: F811
         assert served.http.post("/v1/completions", json=body).status_code == 400
     gc.collect()
     assert rss_mb() - before < 8, "megabytes of freed request memory stayed resident"
+
+
+def test_a_prefix_adapter_is_hot_loaded_and_served(served, tiny):  # noqa: F811
+    make_prefix_adapter(tiny[0], served.adapters_dir, name="pre")  # made on a copy of the served model
+    r = served.http.post("/v1/load_lora_adapter", json={"lora_name": "pre", "lora_path": "pre"})
+    assert r.status_code == 200, r.text
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    texts = {m: served.http.post("/v1/completions", json={"model": m, **body}).json()["choices"][0]["text"]
+             for m in ["pre", served.engine.base_name]}
+    assert texts["pre"] != texts[served.engine.base_name]
+    assert served.http.post("/v1/unload_lora_adapter", json={"lora_name": "pre"}).status_code == 200

@@ -8,8 +8,10 @@ import torch
 from test_engine import NAMES, engine  # noqa: F401 - the engine fixture (tiny model, adapters a0..a3)
 
 from loraforge.errors import LoraForgeError
-from loraforge.generate import SamplingParams
-from loraforge.lora import LoraConfig, add_lora, delete_adapter, get_adapter_params, registry
+from loraforge.generate import SamplingParams, generate_ids
+from loraforge.lora import LoraConfig, add_lora, delete_adapter, get_adapter_params, registry, set_adapter
+from loraforge.prefix import PrefixConfig, add_prefix, save_prefix_adapter
+from loraforge.serve import ServeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,4 +62,34 @@ def test_adapter_names_that_could_break_a_module_are_refused(engine, name):  # n
     engine.load_adapter("again", engine.dirs["a0"])
     assert engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2), ["again"])[0].token_ids
     engine.unload_adapter("again")
+    assert sorted(engine.adapters) == NAMES
+
+
+def make_prefix_adapter(model, out, name: str = "pre", P: int = 3):
+    """A saved prefix-tuning folder with random (non-trivial) keys and values; the model is left bare."""
+    torch.manual_seed(7)
+    add_prefix(model, name, PrefixConfig(num_virtual_tokens=P, init="normal"), activate=False)
+    path = save_prefix_adapter(model, name, out / name)
+    delete_adapter(model, name)
+    return path
+
+
+def test_prefix_adapters_are_served_beside_lora_rows(engine, tmp_path):  # noqa: F811
+    model, tok = engine.model, engine.tokenizer
+    engine.load_adapter("pre", make_prefix_adapter(model, tmp_path))
+    prompts = [tok(w)["input_ids"] for w in ["the cat sat", "hello", "numbers: 1 2 3 4 5 6 7", "why", "a b"]]
+    adapters = [None, "pre", "a0", "pre", "a2"]
+    sp = SamplingParams(max_new_tokens=10)
+    got = [c.token_ids for c in engine.generate(prompts, sp, adapters)]
+    for p, a, g in zip(prompts, adapters, got, strict=True):  # each row equals the one-adapter reference
+        set_adapter(model, a)
+        assert g == generate_ids(model, [p], sp, engine.eos)[0], a
+    set_adapter(model, None)
+    assert got[1] != engine.generate([prompts[1]], sp, [None])[0].token_ids  # the prefix acts
+    # the context limit counts the prefix's positions
+    n = engine.max_len - len(prompts[1]) - 1
+    engine.generate([prompts[1]], SamplingParams(max_new_tokens=n), [None])
+    with pytest.raises(ServeError, match="for the adapter's prefix"):
+        engine.add_request(prompts[1], SamplingParams(max_new_tokens=n), "pre")
+    engine.unload_adapter("pre")
     assert sorted(engine.adapters) == NAMES

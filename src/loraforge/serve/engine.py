@@ -10,7 +10,9 @@ Each ``step()`` first admits waiting requests into free slots (their prompts pre
 right-padded batches, each row into its own slot, which yields each one's first token), then runs one decode forward over every running sequence together:
 row b carries its own position, its own key mask and its own adapter id, so requests for different
 adapters share one forward (the LoRA layers compute the base projection once and each row's low-rank
-delta apart). Finished sequences leave the batch at the end of the step; their slot is reused.
+delta apart). A prefix-tuning adapter's row carries its prefix as the first P keys and values of its slot,
+so it shares the decode batch too. Finished sequences leave the batch at the end of the step; their slot
+is reused.
 
 Threading: ``add_request`` and ``abort`` may be called from any thread. ``step``, ``load_adapter`` and
 ``unload_adapter`` change the model or the cache and must run on one thread, the engine loop's
@@ -33,6 +35,7 @@ from ..errors import LoraForgeError
 from ..generate import SamplingParams, decode_until_stop, encode_prompt, stop_token_ids
 from ..lora import adapter_ids_for, delete_adapter
 from ..lora.registry import check_adapter_name
+from ..prefix.module import prefix_for
 from .cache import SlotCache
 from .errors import ServeError
 from .metrics import Metrics
@@ -50,6 +53,7 @@ class GenerationRequest:
     text: str = ""  # decoded output so far (stop strings cut off)
     sent: int = 0  # characters of `text` already handed out
     slot: int = -1
+    prefix_len: int = 0  # P: a prefix adapter's positions before the prompt in the slot
     finish_reason: str | None = None
     generator: torch.Generator | None = None
 
@@ -85,6 +89,8 @@ class Engine:
         self.eos = stop_token_ids(model, tokenizer)
         self.metrics = metrics or Metrics()
         self.adapters: dict[str, str] = {}  # name -> folder it was loaded from
+        # prefix adapter -> per-layer (k, v) [1, Hkv, P, D], computed once (the encoder is frozen)
+        self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[GenerationRequest] = []  # running[i] sits in cache slot i
         self._lock = threading.Lock()  # guards inbox, aborts, adapters' use counts and draining
@@ -103,7 +109,8 @@ class Engine:
 
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Attach the LoRA folder at `path` as `name`. Engine thread only (it changes the model)."""
+        """Attach the LoRA or prefix-tuning folder at `path` as `name`. Engine thread only (it changes the
+        model)."""
         try:
             check_adapter_name(name)
         except LoraForgeError as e:
@@ -112,11 +119,14 @@ class Engine:
             raise ServeError(f"lora_name {name!r} is already in use; unload it first or pick another name",
                              param="lora_name")
         kind = adapter_kind(path)
-        if kind != "LORA":
-            # Prefix adapters would enter as the first P cached positions of a slot; not wired in yet.
-            raise ServeError(f"{path}: a {kind} adapter; the server serves LoRA adapters only for now",
+        if kind not in ("LORA", "PREFIX_TUNING"):
+            raise ServeError(f"{path}: a {kind} adapter; the server serves LoRA and prefix-tuning adapters",
                              param="lora_path")
         attach_adapter(self.model, path, name, activate=False)
+        if kind == "PREFIX_TUNING":
+            with torch.inference_mode():
+                dtype = self.cache.k.dtype
+                self._prefixes[name] = [(k.to(dtype), v.to(dtype)) for k, v in prefix_for(self.model, name, 1)]
         self.adapters[name] = str(path)
         self.metrics.adapters_loaded = len(self.adapters)
 
@@ -143,6 +153,7 @@ class Engine:
                                  param="lora_name")
             delete_adapter(self.model, name)
             del self.adapters[name]
+            self._prefixes.pop(name, None)
             self._draining.discard(name)
             self.metrics.adapters_loaded = len(self.adapters)
 
@@ -192,14 +203,17 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if n + params.max_new_tokens > self.max_len:
+        prefix = self._prefixes.get(adapter) if adapter is not None else None
+        P = prefix[0][0].shape[2] if prefix else 0
+        if P + n + params.max_new_tokens > self.max_len:
+            with_prefix = f", {P} for the adapter's prefix" if P else ""
             raise ServeError(
                 f"This model's maximum context length is {self.max_len} tokens; the request needs "
-                f"{n + params.max_new_tokens} ({n} in the prompt, {params.max_new_tokens} to generate). "
-                "Shorten the prompt or lower max_tokens.", param="max_tokens" if n < self.max_len else "prompt",
-                code="context_length_exceeded")
+                f"{P + n + params.max_new_tokens} ({n} in the prompt, {params.max_new_tokens} to generate"
+                f"{with_prefix}). Shorten the prompt or lower max_tokens.",
+                param="max_tokens" if P + n < self.max_len else "prompt", code="context_length_exceeded")
         rid = request_id or f"req-{next(self._ids)}"
-        req = GenerationRequest(rid, list(prompt_ids), params, adapter)
+        req = GenerationRequest(rid, list(prompt_ids), params, adapter, prefix_len=P)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         with self._lock:
@@ -296,12 +310,17 @@ class Engine:
         return adapter_ids_for(self.model, [r.adapter for r in reqs])
 
     def _prefill(self, reqs: list[GenerationRequest]) -> torch.Tensor:
-        """One forward over the prompts of `reqs` (consecutive slots), right-padded; [n, V] next-token logits."""
+        """One forward over the prompts of `reqs` (consecutive slots), right-padded; [n, V] next-token logits.
+        A prefix adapter's request comes alone: its prefix fills the slot's first P positions, the prompt
+        follows at positions P, P + 1, ... (as PEFT and generate_ids place it)."""
         lengths = [len(r.prompt_ids) for r in reqs]
-        view = self.cache.prefill_view(reqs[0].slot, lengths)
+        P = reqs[0].prefix_len
+        if P:
+            self.cache.write_prefix(reqs[0].slot, self._prefixes[reqs[0].adapter])
+        view = self.cache.prefill_view(reqs[0].slot, lengths, past=P)
         S = max(lengths)
         ids = torch.tensor([r.prompt_ids + [0] * (S - len(r.prompt_ids)) for r in reqs], device=self.device)
-        positions = torch.arange(S, device=self.device).expand(len(reqs), S)
+        positions = torch.arange(P, P + S, device=self.device).expand(len(reqs), S)
         return self.model(ids, positions=positions, adapter_ids=self._adapter_ids(reqs), cache=view,
                           logits_at=view.last_positions())[:, -1]
 
@@ -327,7 +346,7 @@ class Engine:
             reason = "stop"
         req.text = text
         if reason is None and (len(req.output_ids) >= p.max_new_tokens
-                               or len(req.prompt_ids) + len(req.output_ids) >= self.max_len):
+                               or req.prefix_len + len(req.prompt_ids) + len(req.output_ids) >= self.max_len):
             reason = "length"
         if reason is not None:
             self._finish(req, reason, outs, new_tokens=[tok])
@@ -394,7 +413,7 @@ def prefill_groups(reqs: list[GenerationRequest]) -> list[list[GenerationRequest
     real = longest = 0
     for r in reqs:
         n = len(r.prompt_ids)
-        if groups:
+        if groups and not r.prefix_len and not groups[-1][0].prefix_len:  # a prefix row is prefilled alone
             rows, top = len(groups[-1]) + 1, max(longest, n)
             if rows * top <= PREFILL_TOKENS and rows * top <= 2 * (real + n) + 64:
                 groups[-1].append(r)
