@@ -14,7 +14,7 @@ import time
 
 import pytest
 from test_serve import KEY, served  # noqa: F401 - the module's server fixture (tiny model, adapters a0..a3, API key)
-from test_serve_isolation import make_prefix_adapter
+from test_serve_isolation import make_prefix_adapter, poison
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -249,3 +249,13 @@ def test_a_prefix_adapter_is_hot_loaded_and_served(served, tiny):  # noqa: F811
              for m in ["pre", served.engine.base_name]}
     assert texts["pre"] != texts[served.engine.base_name]
     assert served.http.post("/v1/unload_lora_adapter", json={"lora_name": "pre"}).status_code == 200
+
+
+def test_a_request_on_a_nan_adapter_is_a_500_of_its_own(served):  # noqa: F811
+    assert served.http.post("/v1/load_lora_adapter", json={"lora_name": "nan", "lora_path": "a1"}).status_code == 200
+    poison(served.engine.model, "nan")  # bypassing load-time validation
+    body = {"prompt": "hi", "max_tokens": 4, "temperature": 0.9, "top_p": 0.9}
+    r = served.http.post("/v1/completions", json={"model": "nan", **body})
+    assert r.status_code == 500 and "non-finite logits" in r.json()["error"]["message"], r.text
+    assert served.http.post("/v1/completions", json={"model": "a1", **body}).status_code == 200
+    assert served.http.post("/v1/unload_lora_adapter", json={"lora_name": "nan"}).status_code == 200

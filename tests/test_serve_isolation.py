@@ -93,3 +93,16 @@ def test_prefix_adapters_are_served_beside_lora_rows(engine, tmp_path):  # noqa:
         engine.add_request(prompts[1], SamplingParams(max_new_tokens=n), "pre")
     engine.unload_adapter("pre")
     assert sorted(engine.adapters) == NAMES
+
+
+def test_a_nan_row_fails_alone_when_sampling(engine):  # noqa: F811
+    """Sampled (not greedy) rows: NaN logits would break the sampler, and so the whole batch."""
+    poison(engine.model, "a1")
+    prompts = [engine.tokenizer(w)["input_ids"] for w in ["the cat", "hello there", "why"]]
+    sp = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    alone = [engine.generate([p], sp, [a])[0] for p, a in [(prompts[0], None), (prompts[2], "a0")]]
+    got = engine.generate(prompts, sp, [None, "a1", "a0"])
+    assert got[1].finish_reason == "error" and got[1].token_ids == []
+    assert [got[0].token_ids, got[2].token_ids] == [c.token_ids for c in alone]
+    assert engine.metrics.snapshot()["requests_failed"] == 1
+    assert not engine.has_unfinished() and not engine.adapter_busy("a1")

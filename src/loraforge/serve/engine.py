@@ -63,7 +63,7 @@ class StepOutput:
     request_id: str
     text: str  # new text since the last output of this request
     token_ids: list[int]  # new tokens since the last output
-    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
     prompt_tokens: int
     completion_tokens: int
 
@@ -325,15 +325,24 @@ class Engine:
                           logits_at=view.last_positions())[:, -1]
 
     def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest]) -> list[int]:
+        """One token per row; -1 for a row whose logits are not finite (its adapter overflowed or holds
+        NaN): that request fails alone, instead of its NaN breaking the sampler for the whole batch."""
+        broken = (~torch.isfinite(logits)).any(-1)  # [B]
+        if bool(broken.any()):
+            logits = logits.masked_fill(broken[:, None], 0.0)
         early = [b for b, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens]
         if early and self.eos:  # too early to end: no end-of-sequence token may be drawn
             logits[torch.tensor(early, device=logits.device)[:, None],
                    torch.tensor(sorted(self.eos), device=logits.device)[None, :]] = float("-inf")
-        return sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        toks = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return [-1 if bad else t for t, bad in zip(toks, broken.tolist(), strict=True)]
 
     def _emit(self, req: GenerationRequest, tok: int, outs: list[StepOutput]) -> int:
         """Append one token to `req`; add its new text (and the end, if it ended) to `outs`."""
         if req.finish_reason is not None:
+            return 0
+        if tok < 0:  # non-finite logits (see _sample)
+            self._finish(req, "error", outs)
             return 0
         req.output_ids.append(tok)
         p = req.params
@@ -370,7 +379,7 @@ class Engine:
         with self._lock:
             if req.adapter is not None:
                 self._in_use[req.adapter] -= 1
-        self.metrics.finished(len(req.prompt_ids), "cancelled" if reason == "abort" else "served")
+        self.metrics.finished(len(req.prompt_ids), {"abort": "cancelled", "error": "failed"}.get(reason, "served"))
 
     def _retire(self) -> None:
         """Drop finished sequences; the last running one moves into each freed slot to keep slots contiguous."""

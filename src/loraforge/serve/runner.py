@@ -103,7 +103,12 @@ class EngineThread:
                     self._deliver(req.request_id, err, final=True)
                 continue
             for o in outs:
-                self._deliver(o.request_id, o, final=o.finish_reason is not None)
+                if o.finish_reason == "error":  # this request alone failed (non-finite logits)
+                    self._deliver(o.request_id, ServeError(
+                        "the model produced non-finite logits for this request: its adapter holds NaN or "
+                        "infinite values, or overflows in this precision", status=500), final=True)
+                else:
+                    self._deliver(o.request_id, o, final=o.finish_reason is not None)
 
     def _run_commands(self) -> None:
         while True:
