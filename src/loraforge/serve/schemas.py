@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..lora.registry import NAME_RULE
+
 _REQUEST = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
@@ -74,7 +76,6 @@ class ChatMessage(BaseModel):
     model_config = _REQUEST
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(None, description="required except in an assistant message")
-    name: str | None = None
 
     @model_validator(mode="after")
     def _has_content(self):
@@ -130,7 +131,7 @@ class CompletionRequest(SamplingFields):
 
 class LoadLoraRequest(BaseModel):
     model_config = _REQUEST
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, description=f"the adapter's name: {NAME_RULE}")
     lora_path: str = Field(min_length=1, description="a folder inside the server's --adapters-dir")
 
 
