@@ -40,7 +40,9 @@ from .schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ErrorResponse,
@@ -49,6 +51,8 @@ from .schemas import (
     ModelList,
     SamplingFields,
     TextCompletion,
+    TokenLogprob,
+    TopLogprob,
     UnloadLoraRequest,
     Usage,
 )
@@ -94,6 +98,38 @@ def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
     except LoraForgeError as e:  # messages start with the field's name, e.g. "min_tokens must be ..."
         field = str(e).split(" ", 1)[0]
         raise ServeError(str(e), param=field if field in type(body).model_fields else None) from None
+
+
+def _lp(x: float) -> float:
+    return max(x, -9999.0)  # OpenAI's floor: JSON has no -infinity
+
+
+def chat_logprobs(engine: Engine, entries: list | None) -> ChatLogprobs | None:
+    """OpenAI's chat `logprobs` object for (token id, logprob, top [(id, logprob)]) entries."""
+    if entries is None:
+        return None
+    content = []
+    for tok, lp, top in entries:
+        texts = engine.token_strings([tok, *(i for i, _ in top)])
+        alts = [TopLogprob(token=t, logprob=_lp(v), bytes=list(t.encode())) for t, (_, v) in zip(texts[1:], top,
+                                                                                                  strict=True)]
+        content.append(TokenLogprob(token=texts[0], logprob=_lp(lp), bytes=list(texts[0].encode()), top_logprobs=alts))
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(engine: Engine, entries: list | None, offset: int = 0) -> CompletionLogprobs | None:
+    """OpenAI's legacy completions `logprobs` object; text offsets count from `offset`."""
+    if entries is None:
+        return None
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for tok, lp, top in entries:
+        texts = engine.token_strings([tok, *(i for i, _ in top)])
+        out.tokens.append(texts[0])
+        out.token_logprobs.append(_lp(lp))
+        out.top_logprobs.append({t: _lp(v) for t, (_, v) in zip(texts[1:], top, strict=True)})
+        out.text_offset.append(offset)
+        offset += len(texts[0])
+    return out
 
 
 def sse(chunk) -> str:
@@ -198,9 +234,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
         return {"object": "lora_adapter", "lora_name": body.lora_name, "status": "unloaded"}
 
     # -- generation -----------------------------------------------------------------------------------------
-    async def collect(rid: str, q, request: Request) -> tuple[str, StepOutput]:
-        """The whole text of a non-streamed request; its slot is freed as soon as the client goes away."""
-        parts, done = [], False
+    async def collect(rid: str, q, request: Request) -> tuple[str, StepOutput, list | None]:
+        """The whole text (and log-probabilities, if asked) of a non-streamed request; its slot is freed as
+        soon as the client goes away."""
+        parts, logprobs, done = [], [], False
         gone = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             while True:
@@ -214,9 +251,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
                     done = True
                     raise item
                 parts.append(item.text)
+                logprobs += item.logprobs or []
                 if item.finish_reason is not None:
                     done = True
-                    return "".join(parts), item
+                    return "".join(parts), item, logprobs if item.logprobs is not None else None
         finally:
             gone.cancel()
             if not done:  # the client went away: free the slot
@@ -237,12 +275,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
                     done = True
                     yield f"data: {ErrorResponse(error={'message': str(item), 'type': item.type}).model_dump_json()}\n\n"
                     break
-                if item.text or item.finish_reason is not None:
-                    yield sse(make_chunk(item.text, item.finish_reason, None))
+                if item.text or item.finish_reason is not None or item.logprobs:
+                    yield sse(make_chunk(item.text, item.finish_reason, None, item.logprobs))
                 if item.finish_reason is not None:
                     done = True
                     if include_usage:
-                        yield sse(make_chunk(None, None, usage(item)))
+                        yield sse(make_chunk(None, None, usage(item), None))
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -256,20 +294,22 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await run_in_threadpool(engine.encode, messages, True)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_len - len(ids))
-        rid, q = runner.submit(ids, sampling_params(body, max_tokens), adapter)
+        rid, q = runner.submit(ids, sampling_params(body, max_tokens), adapter, body.logprobs_k())
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            def chunk(text, reason, use):
-                choices = [] if use is not None else [ChatChunkChoice(delta=Delta(content=text), finish_reason=reason)]
+            def chunk(text, reason, use, lps):
+                choices = [] if use is not None else [ChatChunkChoice(
+                    delta=Delta(content=text), finish_reason=reason, logprobs=chat_logprobs(engine, lps))]
                 return ChatCompletionChunk(id=cid, created=created, model=body.model, choices=choices, usage=use)
 
             first = ChatCompletionChunk(id=cid, created=created, model=body.model,
                                         choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(rid, q, first, chunk, include), media_type="text/event-stream")
-        text, last = await collect(rid, q, request)
+        text, last, lps = await collect(rid, q, request)
         return ChatCompletion(id=cid, created=created, model=body.model, usage=usage(last), choices=[
-            ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)])
+            ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason,
+                       logprobs=chat_logprobs(engine, lps))])
 
     @v1.post("/completions", response_model=TextCompletion)
     async def completions(body: CompletionRequest, request: Request):
@@ -283,18 +323,25 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
             prompt = prompt[0]
         ids = list(prompt) if isinstance(prompt, list) else await run_in_threadpool(engine.encode, prompt, False)
         max_tokens = body.max_tokens or 16
-        rid, q = runner.submit(ids, sampling_params(body, max_tokens), adapter)
+        rid, q = runner.submit(ids, sampling_params(body, max_tokens), adapter, body.logprobs)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            def chunk(text, reason, use):
-                choices = [] if use is not None else [CompletionChoice(text=text or "", finish_reason=reason)]
+            sent = 0  # text offset of the next token's log-probability (its tokens' characters so far)
+
+            def chunk(text, reason, use, lps):
+                nonlocal sent
+                lp = completion_logprobs(engine, lps, sent)
+                if lp is not None and lp.tokens:
+                    sent = lp.text_offset[-1] + len(lp.tokens[-1])
+                choices = [] if use is not None else [CompletionChoice(text=text or "", finish_reason=reason,
+                                                                       logprobs=lp)]
                 return TextCompletion(id=cid, created=created, model=body.model, choices=choices, usage=use)
 
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(rid, q, None, chunk, include), media_type="text/event-stream")
-        text, last = await collect(rid, q, request)
+        text, last, lps = await collect(rid, q, request)
         return TextCompletion(id=cid, created=created, model=body.model, usage=usage(last), choices=[
-            CompletionChoice(text=text, finish_reason=last.finish_reason)])
+            CompletionChoice(text=text, finish_reason=last.finish_reason, logprobs=completion_logprobs(engine, lps))])
 
     app.include_router(v1)
 

@@ -25,7 +25,6 @@ import copy
 import itertools
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,40 +38,8 @@ from ..prefix.module import prefix_for
 from .cache import SlotCache
 from .errors import ServeError
 from .metrics import Metrics
+from .request import Completion, GenerationRequest, StepOutput, TokenLogprob
 from .sampling import sample_batch
-
-
-@dataclass
-class GenerationRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: str | None = None  # None = the base model
-    # engine state
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded output so far (stop strings cut off)
-    sent: int = 0  # characters of `text` already handed out
-    slot: int = -1
-    prefix_len: int = 0  # P: a prefix adapter's positions before the prompt in the slot
-    finish_reason: str | None = None
-    generator: torch.Generator | None = None
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    text: str  # new text since the last output of this request
-    token_ids: list[int]  # new tokens since the last output
-    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
 
 
 class Engine:
@@ -169,19 +136,30 @@ class Engine:
         is refused before it is tokenized: tokenizing megabytes takes seconds and a lot of memory."""
         field = "messages" if chat else "prompt"
         with self._enc_lock:
-            if self._enc_tokenizer is None:
-                self._enc_tokenizer = copy.deepcopy(self.tokenizer)
-                # A token's string form has at least as many characters as the text it stands for.
-                self._max_token_chars = max(map(len, self._enc_tokenizer.get_vocab()), default=1)
+            encoder = self._encoder()
             chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
             if chars > self.max_len * self._max_token_chars:
                 raise ServeError(f"{field}: {chars} characters cannot fit this model's maximum context length of "
                                  f"{self.max_len} tokens (a token is at most {self._max_token_chars} characters)",
                                  param=field, code="context_length_exceeded")
             try:
-                return encode_prompt(self._enc_tokenizer, prompt, chat)
+                return encode_prompt(encoder, prompt, chat)
             except Exception as e:  # noqa: BLE001 - a template rejecting odd messages is the user's input
                 raise ServeError(f"{field}: cannot be encoded ({type(e).__name__}: {e})", param=field) from None
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token's text on its own (for log-probabilities). Any thread but the engine's."""
+        with self._enc_lock:
+            tok = self._encoder()
+            return [tok.decode([i]) for i in ids]
+
+    def _encoder(self):
+        """The tokenizer copy used off the engine thread (made on first use); call with _enc_lock held."""
+        if self._enc_tokenizer is None:
+            self._enc_tokenizer = copy.deepcopy(self.tokenizer)
+            # A token's string form has at least as many characters as the text it stands for.
+            self._max_token_chars = max(map(len, self._enc_tokenizer.get_vocab()), default=1)
+        return self._enc_tokenizer
 
     def resolve_model(self, model: str | None) -> str | None:
         """The adapter a request's `model` field names (None = the base); 404 for anything else."""
@@ -195,7 +173,7 @@ class Engine:
                          code="model_not_found")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, logprobs: int | None = None) -> str:
         """Queue a request (any thread). Raises ServeError for a prompt that cannot fit or an unknown adapter."""
         n = len(prompt_ids)
         if n == 0:
@@ -213,7 +191,7 @@ class Engine:
                 f"{with_prefix}). Shorten the prompt or lower max_tokens.",
                 param="max_tokens" if P + n < self.max_len else "prompt", code="context_length_exceeded")
         rid = request_id or f"req-{next(self._ids)}"
-        req = GenerationRequest(rid, list(prompt_ids), params, adapter, prefix_len=P)
+        req = GenerationRequest(rid, list(prompt_ids), params, adapter, prefix_len=P, logprobs=logprobs)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         with self._lock:
@@ -330,11 +308,18 @@ class Engine:
         broken = (~torch.isfinite(logits)).any(-1)  # [B]
         if bool(broken.any()):
             logits = logits.masked_fill(broken[:, None], 0.0)
+        want = [b for b, r in enumerate(reqs) if r.logprobs is not None]
+        # the model's own distribution, before min_tokens, temperature, top-k and top-p shape the draw
+        lp = torch.log_softmax(logits[want].float(), -1) if want else None  # [len(want), V]
         early = [b for b, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens]
         if early and self.eos:  # too early to end: no end-of-sequence token may be drawn
             logits[torch.tensor(early, device=logits.device)[:, None],
                    torch.tensor(sorted(self.eos), device=logits.device)[None, :]] = float("-inf")
         toks = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for i, b in enumerate(want):
+            top = torch.topk(lp[i], reqs[b].logprobs) if reqs[b].logprobs else None
+            reqs[b].last_logprob = (toks[b], float(lp[i, toks[b]]),
+                                    list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else [])
         return [-1 if bad else t for t, bad in zip(toks, broken.tolist(), strict=True)]
 
     def _emit(self, req: GenerationRequest, tok: int, outs: list[StepOutput]) -> int:
@@ -367,14 +352,21 @@ class Engine:
             upto -= 1
         delta = text[req.sent:upto] if upto > req.sent else ""
         req.sent = max(req.sent, upto)
-        outs.append(StepOutput(req.request_id, delta, [tok], None, len(req.prompt_ids), len(req.output_ids)))
+        outs.append(StepOutput(req.request_id, delta, [tok], None, len(req.prompt_ids), len(req.output_ids),
+                               self._logprobs(req, [tok])))
         return 1
+
+    @staticmethod
+    def _logprobs(req: GenerationRequest, new_tokens: list[int]) -> list[TokenLogprob] | None:
+        if req.logprobs is None:
+            return None
+        return [req.last_logprob] if new_tokens else []
 
     def _finish(self, req: GenerationRequest, reason: str, outs: list[StepOutput],
                 new_tokens: list[int] | None = None) -> None:
         req.finish_reason = reason
         outs.append(StepOutput(req.request_id, req.text[req.sent:], new_tokens or [], reason,
-                               len(req.prompt_ids), len(req.output_ids)))
+                               len(req.prompt_ids), len(req.output_ids), self._logprobs(req, new_tokens or [])))
         req.sent = len(req.text)
         with self._lock:
             if req.adapter is not None:

@@ -49,13 +49,14 @@ class EngineThread:
         return self._thread is not None and self._thread.is_alive()
 
     # -- called from the event loop -----------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> tuple[str, asyncio.Queue]:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
+               logprobs: int | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a request; its StepOutputs arrive on the returned queue (a ServeError instead on failure)."""
         q: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
         self._streams[rid] = (asyncio.get_running_loop(), q)  # before the engine can produce anything for it
         try:
-            self.engine.add_request(prompt_ids, params, adapter, request_id=rid)
+            self.engine.add_request(prompt_ids, params, adapter, request_id=rid, logprobs=logprobs)
         except BaseException:
             self._streams.pop(rid, None)
             raise

@@ -2,8 +2,11 @@
 
 Requests are strict, as OpenAI's are: no type coercion (``max_tokens: "5"``, ``stream: "yes"`` and
 ``prompt: [true]`` are 400s) and no silently ignored fields. A field we do not honour is refused by name
-(an unknown field, or a known one such as ``logprobs`` set to anything but its neutral value), so a client
-never gets an answer computed without what it asked for.
+(an unknown field, or a known one such as ``presence_penalty`` set to anything but its neutral value), so
+a client never gets an answer computed without what it asked for.
+
+Log-probabilities (``logprobs``, ``top_logprobs``) are those of the model's own next-token distribution,
+before temperature, top-k and top-p shape the draw (as OpenAI and vLLM report them).
 """
 
 from __future__ import annotations
@@ -92,27 +95,33 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    logprobs: bool | None = Field(None, description="only false (log-probabilities are not returned)")
-    top_logprobs: int | None = Field(None, description="only 0 (log-probabilities are not returned)")
+    logprobs: bool | None = Field(None, description="return each output token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and the most likely tokens' at each step "
+                                                                    "(needs logprobs: true)")
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, v, info):
-        _neutral(info.field_name, v, (False, None, 0) if info.field_name == "logprobs" else (0, None))
+    def _top_needs_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return v
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] = Field(description="a string, or token ids")
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, description="only null (log-probabilities are not returned)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="return each output token's log-probability "
+                                                                "and the k most likely tokens' at each step")
     echo: bool = Field(False, description="only false")
     best_of: int | None = Field(None, description="only 1")
     suffix: str | None = Field(None, description="only null")
 
-    @field_validator("logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
-    def _no_logprobs(cls, v, info):
+    def _no_suffix(cls, v, info):
         _neutral(info.field_name, v, (None,))
         return v
 
@@ -166,11 +175,32 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # from the start of the completion's text
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -191,7 +221,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -207,7 +237,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class TextCompletion(BaseModel):
