@@ -6,7 +6,9 @@ connection was reset. ``CatchAll`` answers and does not re-raise.
 
 ``BodyLimit`` reads a request's whole body before the application sees it (at most ``max_bytes``, also
 when no Content-Length is sent) and replays it, so an oversized body costs no more than the cap. Later
-``receive`` calls reach the server unchanged: a route can still learn of the client's disconnect.
+``receive`` calls reach the server unchanged: a route can still learn of the client's disconnect. A 413
+keeps the connection open: uvicorn discards the rest of the body. Closing at once would make the kernel
+reset the connection while the client is still sending, and the client could lose the 413 itself.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class BodyLimit:
                    "(serve --max-body-bytes)")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await send_error(send, 413, too_big, "invalid_request_error", [(b"connection", b"close")])
+            return await send_error(send, 413, too_big, "invalid_request_error")
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -44,7 +46,7 @@ class BodyLimit:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await send_error(send, 413, too_big, "invalid_request_error", [(b"connection", b"close")])
+                return await send_error(send, 413, too_big, "invalid_request_error")
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
