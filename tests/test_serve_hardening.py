@@ -1,6 +1,7 @@
 """The server under hostile or careless clients: bad adapter names, dropped connections, huge bodies,
-loose types, fields it does not honour, errors on a kept-alive connection, and symlinks out of the
-adapters directory. A real uvicorn server on 127.0.0.1 with the tiny model (see test_serve)."""
+loose types, fields it does not honour, errors on a kept-alive connection, symlinks out of the adapters
+directory, NaN adapters; and what it now serves: prefix adapters, log-probabilities. A real uvicorn server
+on 127.0.0.1 with the tiny model (see test_serve)."""
 
 from __future__ import annotations
 
