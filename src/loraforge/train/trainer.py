@@ -112,7 +112,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     log.info("training %d steps (%d per epoch of %d rows, batch %d x %d accumulation) on %s; warm-up %d steps",
              total, math.ceil(len(batcher) / cfg.grad_accum), len(rows), cfg.batch_size, cfg.grad_accum,
              device, warmup)
-    return run.loop(progress)
+    try:
+        return run.loop(progress)
+    finally:
+        # a process-wide setting (torch has no getter): back to torch's default for whatever runs next
+        torch.set_flush_denormal(False)
 
 
 class _Run:
