@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -148,6 +149,18 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # -- derived values -------------------------------------------------------------------------------------
+    def with_absolute_paths(self) -> TrainConfig:
+        """This config with data, val, out and a model path made absolute (a model that is not a path,
+        the embedded one, stays as it is)."""
+        def absolute(v: str | None) -> str | None:
+            return os.path.abspath(os.path.expanduser(v)) if v else v
+
+        model = self.model
+        if model and Path(model).expanduser().exists():
+            model = absolute(model)
+        return dataclasses.replace(self, data=absolute(self.data), val=absolute(self.val), model=model,
+                                   out=absolute(str(self.out_dir())))
+
     def out_dir(self) -> Path:
         if self.out:
             return Path(self.out)
