@@ -313,9 +313,10 @@ def read_data(cfg: TrainConfig):
     """(train records, validation records): the --val file, or a seeded --val-split of the data."""
     from ..data import read_records, split_records
 
-    records = read_records(cfg.data, cfg.format, cfg.skip_bad_lines)
+    opts = {"txt_lines": cfg.txt_lines, "max_line_bytes": cfg.max_line_bytes}
+    records = read_records(cfg.data, cfg.format, cfg.skip_bad_lines, **opts)
     if cfg.val:
-        val = read_records(cfg.val, cfg.format, cfg.skip_bad_lines)
+        val = read_records(cfg.val, cfg.format, cfg.skip_bad_lines, **opts)
         return records, val
     if cfg.val_split > 0 and len(records) < 2:
         log.warning("%s: a single record; training without validation", cfg.data)
