@@ -36,9 +36,9 @@ examples:
 """
 
 
-class _HelpFormatter(argparse.HelpFormatter):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends "(default: X)" to a flag's help unless the help already speaks of its default, or there is
-    none worth saying (None, False, or suppressed)."""
+    none worth saying (None, False, or suppressed). Epilogs keep their line breaks (lists, examples)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
