@@ -64,6 +64,7 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.mark.reliability
 def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_keeps_the_previous_one(tmp_path, data, tiny_folder,
                                                                                    small_disk, monkeypatch, capsys):
     real_save = ckpt.save_checkpoint
@@ -94,6 +95,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_keeps_the_previous_one(
     assert (out / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("command", ["merge", "quantize"])
 def test_merge_and_quantize_to_a_full_disk_leave_no_partial_folder(tiny_folder, tmp_path, small_disk, command):
     from test_cli import cli
@@ -112,6 +114,7 @@ def test_merge_and_quantize_to_a_full_disk_leave_no_partial_folder(tiny_folder, 
     assert list(small_disk.iterdir()) == []
 
 
+@pytest.mark.reliability
 def test_sigterm_stops_training_with_a_message_and_the_last_checkpoint_resumes(tmp_path, data, tiny_folder):
     out = tmp_path / "run"
     args = [str(data), "--model", str(tiny_folder), "--device", "cpu", "--out", str(out), "--rank", "4",
@@ -137,6 +140,7 @@ def test_sigterm_stops_training_with_a_message_and_the_last_checkpoint_resumes(t
     assert (out / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.reliability
 def test_resume_skips_a_truncated_newest_checkpoint_and_names_the_one_it_uses(tmp_path, data, tiny_folder, caplog):
     out = tmp_path / "run"
     train(tiny_cfg(data, tiny_folder, out, max_steps=4, save_every=2, eval_every=0))
