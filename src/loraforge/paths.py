@@ -121,6 +121,8 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool, inputs: Iterabl
     if not overwrite:
         raise LoraForgeError(f"{flag} {out}: already exists and is not empty; pass --overwrite to replace it, "
                              f"or choose another {flag}")
+    if out.is_symlink():  # replacing it would swap the link for a folder and strand the link's target
+        raise LoraForgeError(f"{flag} {out}: is a symbolic link; --overwrite only replaces a real model folder")
     for keep in (Path.cwd(), Path.home()):
         if real == Path(os.path.realpath(keep)) or real in Path(os.path.realpath(keep)).parents:
             raise LoraForgeError(f"{flag} {out}: holds {keep}; --overwrite only replaces a model folder")
