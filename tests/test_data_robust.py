@@ -110,3 +110,13 @@ def test_huge_records_are_tokenized_only_as_far_as_max_len(tok, kind):
     assert spy.longest < 20_000
     (full,) = encode_records([rec], tok, max_len=10**7)  # the untruncated encoding, cut afterwards
     assert short.input_ids == full.input_ids[:64] and short.labels == full.labels[:64]
+
+
+def test_the_txt_and_line_limit_flags_reach_the_config():
+    from loraforge.cli import build_parser
+    from loraforge.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "c.txt", "--txt-lines", "--max-line-bytes", "10", "--no-pack"])
+    cfg = config_from_args(args)
+    assert (cfg.txt_lines, cfg.max_line_bytes, cfg.pack) == (True, 10, False)
+    assert config_from_args(build_parser().parse_args(["train", "c.txt"])).pack
