@@ -185,3 +185,16 @@ def test_config_yaml_records_absolute_paths(tmp_path, data, tiny_folder, monkeyp
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert cfg["data"] == str(tmp_path / "d.jsonl") and cfg["val"] == str(tmp_path / "val.jsonl")
     assert cfg["out"] == str(tmp_path / "run") and cfg["model"] == str(tiny_folder)
+
+
+def test_a_checkpoint_sampler_state_without_its_position_is_one_sentence(tmp_path, data, tiny_folder):
+    import json
+
+    out = tmp_path / "run"
+    train(tiny_cfg(data, tiny_folder, out, max_steps=2, save_every=2, eval_every=0, keep_checkpoints=1))
+    state_file = out / "checkpoints" / "step-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["sampler"]["epoch"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(LoraForgeError, match="sampler state has no valid epoch and step"):
+        train(tiny_cfg(data, tiny_folder, out, max_steps=3, eval_every=0), resume=True)
