@@ -18,6 +18,8 @@ from test_cli import cli
 from loraforge.lora import LoraConfig, add_lora, save_adapter
 from loraforge.paths import atomic_write_json, save_safetensors
 
+pytestmark = pytest.mark.usefixtures("isolated_rng")  # leave the global RNGs as they were
+
 
 @pytest.fixture()
 def run_dir(tiny, tmp_path) -> Path:

@@ -144,6 +144,7 @@ def test_refuses_a_used_out_folder_and_bad_data(tmp_path, tiny_folder, capsys):
     assert not (tmp_path / "b" / "logs").exists()
 
 
+@pytest.mark.usefixtures("isolated_rng")  # prepare() draws the adapters' init from torch's generator
 def test_learning_rates_and_trainable_share_are_the_ones_train_uses(compared, results, tiny_folder):
     import re
 

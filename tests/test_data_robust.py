@@ -14,6 +14,8 @@ from loraforge.model import load_tokenizer, resolve_source
 
 GOOD = json.dumps({"text": "a good record"})
 
+pytestmark = pytest.mark.usefixtures("isolated_rng")  # leave the global RNGs as they were
+
 
 @pytest.fixture(scope="module")
 def tok():

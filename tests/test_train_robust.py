@@ -20,6 +20,8 @@ from loraforge.train import checkpoint as ckpt
 from loraforge.train import train
 from loraforge.train.checkpoint import checkpoints
 
+pytestmark = pytest.mark.usefixtures("isolated_rng")  # leave the global RNGs as they were
+
 
 def verify_checkpoint(path: Path) -> None:
     """Every file of the checkpoint reads back whole."""
