@@ -17,8 +17,9 @@ def register(p):
                         "model=NAME")
     p.add_argument("--adapters-dir", metavar="DIR", default=None,
                    help="allow POST /v1/load_lora_adapter to load folders from inside DIR (off without it)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for every interface; pair it with --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on every /v1 endpoint")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
