@@ -31,6 +31,8 @@ def make_adapters(model, out: Path, names=NAMES, std: float = 0.3) -> dict[str, 
             for key, p in get_adapter_params(model, name).items():
                 if key.endswith("lora_B"):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
+                else:  # seeded too (Kaiming-uniform's range): the texts must not depend on earlier tests' draws
+                    p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / p.shape[1] ** 0.5)
         dirs[name] = save_adapter(model, name, out / name)
         delete_adapter(model, name)
     return dirs
