@@ -31,8 +31,9 @@ from ..quant.checkpoint import (
 )
 from ..quant.linear import linear_names
 from .config import ModelConfig
+from .decoder import CausalLM
 from .embedded import EMBEDDED_NAME, converted_folder, embedded_gguf
-from .llama import Linear, LlamaForCausalLM, rope_inv_freq
+from .llama import Linear
 
 log = logging.getLogger("loraforge")
 
@@ -225,7 +226,7 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
-) -> tuple[LlamaForCausalLM, object]:
+) -> tuple[CausalLM, object]:
     """Load a base model and its tokenizer. Returns (model, tokenizer); the model is frozen and in eval mode.
 
     `quantize` ("nf4", "fp4", "int8") quantizes every linear but lm_head as it is read. A pre-quantized
@@ -238,7 +239,7 @@ def load_model(
     if quantize is not None and quantize not in QUANT_TYPES:
         raise LoraForgeError(f"--quantize {quantize!r}: choose one of {', '.join(QUANT_TYPES)}")
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = CausalLM(cfg)
     # Shapes as config.json implies them, taken before any linear becomes a QuantLinear.
     shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
@@ -280,7 +281,7 @@ def load_model(
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LoraForgeError(f"{source.folder}: weights missing from the checkpoint: {', '.join(missing[:3])}{more}")
     model.tie_weights()
-    model.inv_freq = rope_inv_freq(cfg).to(dev)  # buffers built on meta hold no data
+    model.init_rope(dev)  # buffers built on meta hold no data
     model.requires_grad_(False)
     model.eval()
     model.name_or_path = source.name

@@ -40,7 +40,7 @@ def write_quantized_model(
     if available; CPU and CUDA give the same codes, while the double-quantization offset, a mean, may
     differ in its last bit). Only the quantized model is held in memory, plus one float tensor at a time.
     """
-    from loraforge.model.llama import LlamaForCausalLM
+    from loraforge.model.decoder import CausalLM
     from loraforge.model.loading import (
         WeightReader,
         load_tokenizer,
@@ -55,7 +55,7 @@ def write_quantized_model(
     if spec_from_config(cfg.hf_config, str(source.folder / "config.json")) is not None:
         raise LoraForgeError(f"{source.folder}: already quantized; quantize the full-precision model instead")
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = CausalLM(cfg)
     shapes = {f"{n}.weight": tuple(model.get_submodule(n).weight.shape) for n in linear_names(model)}
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tensors: dict[str, torch.Tensor] = {}

@@ -1,0 +1,22 @@
+"""RMSNorm, with Gemma's (1 + w) form as an option."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .llama import _RMSNormFn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * w, normalised in fp32. unit_offset (Gemma): y = x / rms(x) * (1 + w), so its stored
+    weights sit around 0 rather than 1."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [*, dim]
+        return _RMSNormFn.apply(x, self.weight + 1.0 if self.unit_offset else self.weight, self.eps)
