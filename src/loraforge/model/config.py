@@ -155,7 +155,7 @@ class ModelConfig:
             bias = bool(c.get("attention_bias", False))
             scalar = c.get("query_pre_attn_scalar")
             moe = fam.get("moe")
-            experts = int(c.get("num_local_experts" if moe == "mixtral" else "num_experts") or 0) if moe else 0
+            experts = int(c.get("num_local_experts") or c.get("num_experts") or 0) if moe else 0
             return cls(
                 vocab_size=int(c["vocab_size"]),
                 hidden_size=hidden,

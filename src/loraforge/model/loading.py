@@ -33,6 +33,7 @@ from ..quant.linear import linear_names
 from .config import ModelConfig
 from .decoder import CausalLM
 from .embedded import EMBEDDED_NAME, converted_folder, embedded_gguf
+from .experts_io import expert_part, renamed, stack_experts
 from .llama import Linear
 
 log = logging.getLogger("loraforge")
@@ -251,6 +252,7 @@ def load_model(
         spec, on_load = _quantization(model, cfg, source.folder, stored, quantize, dt)
         owner = {key: group_of(key, stored) for key in reader.file_of} if stored else {}
         members: dict[str, list[str]] = {}  # stored quantized weight -> the names of its tensors
+        experts: dict[tuple[str, int, str], torch.Tensor] = {}  # MoE: (layer, expert, part) -> its weight
         for key, group in owner.items():
             if group is not None:
                 members.setdefault(group, []).append(key)
@@ -264,18 +266,25 @@ def load_model(
                     _load_stored(model, file, group, tensors, shapes[group], dev)
                     seen.add(group)
                 continue
-            if key not in shapes:
+            if cfg.num_experts and (part := expert_part(key)) is not None:
+                experts[part] = reader.get(key)  # stacked per layer below
+                continue
+            name = renamed(key) if cfg.num_experts else key
+            if name not in shapes:
                 raise LoraForgeError(f"{file}: unexpected tensor {key!r}; is this a {cfg.model_type} checkpoint?")
-            t = reader.read(key) if key in on_load else reader.get(key)
-            if tuple(t.shape) != shapes[key]:
-                raise LoraForgeError(f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shapes[key]}")
+            t = reader.read(key) if name in on_load else reader.get(key)
+            _check_shape(file, key, t, shapes[name])
             t = t.to(device=dev, dtype=dt if t.is_floating_point() else t.dtype)
-            if key in on_load:
+            if name in on_load:
                 # quantized now: only this one layer ever exists in full precision
-                model.get_submodule(key.removesuffix(".weight")).set_quant_state(quantize_weight(t, spec))
+                model.get_submodule(name.removesuffix(".weight")).set_quant_state(quantize_weight(t, spec))
             else:
-                _set_tensor(model, key, t)
-            seen.add(key)
+                _set_tensor(model, name, t)
+            seen.add(name)
+        for name, t in stack_experts(experts, cfg.num_experts, str(source.folder)).items():
+            _check_shape(source.folder, name, t, shapes.get(name))
+            _set_tensor(model, name, t.to(device=dev, dtype=dt))
+            seen.add(name)
     missing = sorted(set(shapes) - seen)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -294,6 +303,13 @@ def load_model(
         source.name, human(n), str(dt).replace("torch.", ""), dev, how, time.perf_counter() - t0,
     )
     return model, tok
+
+
+def _check_shape(file, key: str, t: torch.Tensor, shape: tuple | None) -> None:
+    if shape is None:
+        raise LoraForgeError(f"{file}: unexpected tensor {key!r}")
+    if tuple(t.shape) != shape:
+        raise LoraForgeError(f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shape}")
 
 
 def _load_stored(model: nn.Module, file: Path, name: str, tensors: dict[str, torch.Tensor], shape: tuple,
