@@ -14,7 +14,7 @@ import torch
 from conftest import TOKENIZER_FILES, randomize_adapter
 
 from loraforge.generate import SamplingParams, generate_ids
-from loraforge.lora import LoraConfig, add_lora, adapter_ids_for, load_adapter, save_adapter, set_adapter
+from loraforge.lora import LoraConfig, adapter_ids_for, add_lora, load_adapter, save_adapter, set_adapter
 from loraforge.model import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +58,7 @@ def build(family: str, dest, tokenizer_src, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # larger than transformers' init, so every term shows in the logits
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.25)
             else:  # norm weights and biases: off their init, so (1 + w) vs w and biases matter
