@@ -186,7 +186,7 @@ def test_not_a_model_file(tmp_path):
 def test_frozen_linear_equals_f_linear(tokens, with_bias, d_in):
     """The few-token GEMM form (W @ x^T) gives F.linear's values and shape, contiguous or as a view, for a
     row-major input and for a strided one (the transposed output of an earlier product)."""
-    from loraforge.model.llama import frozen_linear
+    from loraforge.ops import frozen_linear
 
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(1, tokens, d_in, generator=g)

@@ -61,7 +61,15 @@ def ours(s: Setting, quantize: str | None = None) -> dict:
     model.gradient_checkpointing = s.grad_checkpointing
     model.train()
     torch.set_flush_denormal(True)  # as loraforge's trainer does (see train/trainer.py)
-    return _train(s, model, lambda ids: model(ids, labels=ids), params, load_peak)
+    from ..train.heap import release_free_heap
+
+    def forward(ids):
+        release_free_heap()  # as loraforge's trainer does around its forward
+        loss = model(ids, labels=ids)
+        release_free_heap()
+        return loss
+
+    return _train(s, model, forward, params, load_peak)
 
 
 def peft(s: Setting, quantize: str | None = None) -> dict:

@@ -21,7 +21,7 @@ def register(p):
                    help="add full fine-tuning as a reference row (trained when it fits in memory)")
     p.add_argument("--max-steps", type=int, default=d.max_steps, metavar="N", help="optimizer steps for every row")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/compare-<DATA stem>)")
-    add_model_args(p, quantize=False)
+    add_model_args(p, quantize=False, computes=False)
 
     g = p.add_argument_group("optimisation (the same for every row but the learning rate)")
     g.add_argument("--lr", default=None, metavar="LR",
@@ -56,9 +56,9 @@ def run(args) -> int:
     from ..compare.config import parse_lr
     from ..errors import LoraForgeError
 
-    if args.dtype not in (None, "float32"):
-        raise LoraForgeError(f"--dtype {args.dtype}: compare trains every row in float32, as `loraforge train` "
-                             "does; leave --dtype out")
+    if args.dtype not in (None, "auto", "float32"):
+        raise LoraForgeError(f"--dtype {args.dtype}: compare trains every row in float32, so that full "
+                             "fine-tuning and the adapters are measured alike; leave --dtype out")
     cfg = CompareConfig(
         data=args.data, out=args.out, methods=args.methods, full=args.full, model=args.model, device=args.device,
         max_steps=args.max_steps, lr=parse_lr(args.lr), batch_size=args.batch_size, seed=args.seed,

@@ -13,7 +13,7 @@ log = logging.getLogger("loraforge")
 def register(p):
     p.add_argument("--adapter", metavar="DIR", required=True, help="a LoRA adapter folder (PEFT format)")
     p.add_argument("--out", metavar="DIR", required=True, help="where to write the merged model")
-    add_model_args(p)
+    add_model_args(p, computes=False)
 
 
 def run(args) -> int:

@@ -27,7 +27,7 @@ def register(p):
     p.add_argument("--blocksize", type=int, default=64, choices=list(BLOCKSIZES), help="values per absmax scale")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="keep the per-block scales in float32 instead of 8-bit (QLoRA's double quantization)")
-    add_model_args(p, quantize=False)
+    add_model_args(p, quantize=False, computes=False)
     p.epilog = EPILOG
 
 
@@ -38,7 +38,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     spec = QuantSpec(args.quantize, args.blocksize, args.double_quant)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES[args.dtype] if args.dtype not in (None, "auto") else None  # auto: keep the stored dtype
     before = sum(f.stat().st_size for f in weight_files(resolve_source(args.model).folder))
     out = write_quantized_model(args.model, args.out, spec, device=args.device, dtype=dtype)
     after = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))

@@ -13,7 +13,7 @@ log = logging.getLogger("loraforge")
 
 
 def register(p):
-    from ..train.config import DATA_FORMATS, METHODS, TrainConfig
+    from ..train.config import DATA_FORMATS, DTYPE_CHOICES, METHODS, TrainConfig
 
     d = TrainConfig()
     S = argparse.SUPPRESS
@@ -34,6 +34,9 @@ def register(p):
     g.add_argument("--model", metavar="SRC", default=S,
                    help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default=S, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=S,
+                   help="compute dtype of the frozen base; auto = bfloat16 on CUDA and on CPUs with fast bf16 "
+                   "(AMX), else float32. Trained weights and optimizer state stay float32" + dflt(d.dtype))
     g.add_argument("--method", choices=METHODS, default=S,
                    help="lora; qlora = NF4 base (double quantization) + LoRA; prefix = prefix tuning" + dflt(d.method))
     g.add_argument("--rank", type=int, default=S, help="LoRA rank r" + dflt(d.rank))

@@ -96,6 +96,7 @@ class CompareConfig:
     def train_config(self, method: str) -> TrainConfig:
         return TrainConfig(
             data=self.data, out=str(self.out_dir() / method), model=self.model, device=self.device, method=method,
+            dtype="float32",  # every row, full fine-tuning included, in one precision
             rank=self.rank, alpha=self.alpha, num_virtual_tokens=self.num_virtual_tokens, max_steps=self.max_steps,
             lr=self.lr_for(method), batch_size=self.batch_size, seed=self.seed, format=self.format,
             max_len=self.max_len, train_on_prompt=self.train_on_prompt, val=self.val, val_split=self.val_split,

@@ -15,52 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.llama import Linear, frozen_linear
+from ..model.linear import Linear
+from ..ops import frozen_linear, lora_linear
 from .registry import AdapterRegistry
-
-
-class _FrozenBaseLora(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T for a frozen W, as two GEMMs and one accumulating GEMM.
-
-    The same expression through autograd materialises B(Ax), its scaled copy and the sum ([T, out]
-    each, forward) and adds two [T, in] input gradients (backward); here the low-rank term is added
-    into the base output by addmm_ and into the base input gradient by addmm_. Only x and the small
-    h = x A^T [T, r] are saved; W is never given a gradient. A quantized base passes W = None and a
-    `dequant` callable instead, called again in backward rather than keeping the dense W alive.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor | None, b: Tensor | None, A: Tensor, B: Tensor, s: float, dequant=None):
-        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
-        Wd = W if W is not None else dequant()  # [out, in]
-        # written through a 2-D alias so that the output is not a view (callers may add into it in place)
-        out = x.new_empty(*x.shape[:-1], Wd.shape[0])  # [*, out]
-        out2 = out.view(-1, Wd.shape[0])  # [T, out]
-        if b is None:
-            torch.mm(x2, Wd.t(), out=out2)
-        else:
-            torch.addmm(b, x2, Wd.t(), out=out2)
-        del Wd
-        h = x2 @ A.t()  # [T, r]
-        out2.addmm_(h, B.t(), alpha=s)
-        ctx.save_for_backward(x2, W, A, B, h)
-        ctx.s, ctx.x_shape, ctx.dequant = s, x.shape, dequant
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x2, W, A, B, h = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])  # [T, out]
-        gh = (g2 @ B).mul_(ctx.s)  # [T, r]: d loss / d h
-        dx = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            Wd = W if W is not None else ctx.dequant()
-            dx = (g2 @ Wd).addmm_(gh, A).view(ctx.x_shape)  # [T, in]
-        if ctx.needs_input_grad[3]:
-            dA = gh.t() @ x2  # [r, in]
-        if ctx.needs_input_grad[4]:
-            dB = (g2.t() @ h).mul_(ctx.s)  # [out, r]
-        return dx, None, None, dA, dB, None, None
 
 
 def _quantized(base: nn.Module) -> bool:
@@ -106,6 +63,14 @@ class LoraLinear(nn.Module):
         self._stack_cache = None
         self._group_cache = None
 
+    def set_dtype(self, name: str, dtype: torch.dtype) -> None:
+        """Store adapter `name`'s A and B in `dtype` (new parameters: an optimizer must be built after)."""
+        for d in (self.lora_A, self.lora_B):
+            if d[name].dtype != dtype:
+                d[name] = nn.Parameter(d[name].detach().to(dtype), requires_grad=d[name].requires_grad)
+        self._stack_cache = None
+        self._group_cache = None
+
     def base_weight_like(self) -> Tensor:
         """A tensor with the dtype/device LoRA weights should have: the base's float weight, or for a
         quantized base (packed integer codes) an empty tensor in the dtype it computes in."""
@@ -129,27 +94,25 @@ class LoraLinear(nn.Module):
         if name is None or name == self.registry.merged or name not in self.lora_A:
             return self.base(x)
         # the fused autograd fn is for training; inference runs the plain products
-        if torch.is_grad_enabled() and self._fusable(x, name):
+        if torch.is_grad_enabled() and self._fusable(name):
             base, A, B, s = self.base, self.lora_A[name], self.lora_B[name], self.scaling[name]
+            p = self.dropout[name]
+            xd = F.dropout(x, p) if (p > 0 and self.training) else x  # dropout(x) feeds only the A product
             if _quantized(base):
-                return _FrozenBaseLora.apply(x, None, base.bias, A, B, s, lambda: base.dequantize(x.dtype))
-            return _FrozenBaseLora.apply(x, base.weight, base.bias, A, B, s)
+                return lora_linear(x, xd, None, base.bias, A, B, s, base.dequantize)
+            return lora_linear(x, xd, base.weight, base.bias, A, B, s)
         return _add_delta(self.base(x), self._one(x, name))
 
-    def _fusable(self, x: Tensor, name: str) -> bool:
-        """Whether the single-adapter forward can run as one _FrozenBaseLora (the common training case)."""
-        base, A = self.base, self.lora_A[name]
-        if _quantized(base):  # a frozen QuantLinear: dequantize-then-matmul, in its compute dtype
-            dense = getattr(base, "compute_dtype", None) in (None, x.dtype)
+    def _fusable(self, name: str) -> bool:
+        """Whether the single-adapter forward can run as one fused lora_linear (the training case): a
+        frozen plain or quantized base. The op runs in the compute dtype (autocast's, else the input's)
+        and casts base and adapter weights to it, so a bf16 base with fp32 master weights fuses too."""
+        base = self.base
+        if _quantized(base):
+            dense = True
         else:
             dense = type(base).forward in (Linear.forward, nn.Linear.forward) and not base.weight.requires_grad
-            dense = dense and x.dtype == base.weight.dtype
-        return (
-            dense
-            and (base.bias is None or not base.bias.requires_grad)
-            and x.dtype == A.dtype
-            and (self.dropout[name] == 0 or not self.training)
-        )
+        return dense and (base.bias is None or not base.bias.requires_grad) and name in self.lora_A
 
     def _one(self, x: Tensor, name: str) -> Tensor:
         A, B = self.lora_A[name], self.lora_B[name]

@@ -184,9 +184,15 @@ def get_adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
-def set_trainable_params(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Freeze everything but adapter `name`; returns the trainable parameters."""
+def set_trainable_params(model: nn.Module, name: str, master_dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    """Freeze everything but adapter `name`; returns the trainable parameters.
+
+    They become `master_dtype` (fp32) copies if they are not already: with a bf16 base the products run
+    in bf16, but AdamW updates of ~1e-6 relative size would vanish in bf16's 8-bit mantissa."""
     model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer.set_dtype(name, master_dtype)
     params = list(get_adapter_params(model, name).values())
     for p in params:
         p.requires_grad_(True)

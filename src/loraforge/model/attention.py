@@ -11,15 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import apply_rope
 from .cache import KVCache
 from .config import ModelConfig
-from .llama import Linear, _RopeFn
+from .linear import Linear
 from .norm import RMSNorm
-
-
-def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    # q: [B, H, S, D], k: [B, Hkv, S, D], cos/sin: [B, 1, S, D]
-    return _RopeFn.apply(q, cos, sin), _RopeFn.apply(k, cos, sin)
 
 
 class Attention(nn.Module):
@@ -74,7 +70,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # q: [B, H, S, D], k: [B, Hkv, S, D]
         v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)  # cos/sin: [B, 1, S, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, T, D], T = everything cached so far + S
         elif prefix is not None:

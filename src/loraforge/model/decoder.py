@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops import RecomputeSaved, frozen_linear
 from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
-from .llama import Linear, RecomputeSaved, frozen_linear, release_free_heap
+from .linear import Linear
 from .loss import chunked_cross_entropy
 from .masks import causal_mask, sliding_window_mask
 from .mlp import MLP, MoE
@@ -147,8 +148,6 @@ class CausalLM(nn.Module):
         cfg = self.config
         B, S = input_ids.shape
         training = self.training and torch.is_grad_enabled()
-        if training:
-            release_free_heap()
         past = cache.length if cache is not None else (prefix[0][0].shape[2] if prefix else 0)
         if positions is None:
             positions = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
@@ -179,10 +178,7 @@ class CausalLM(nn.Module):
         x = self.model.norm(x)
         head = self.lm_head if cfg.final_softcap is None else SoftcappedHead(self.lm_head, cfg.final_softcap)
         if labels is not None:
-            loss = chunked_cross_entropy(x, head, labels, adapter_ids)
-            if training:
-                release_free_heap()  # the forward's temporaries, before the backward allocates its own
-            return loss
+            return chunked_cross_entropy(x, head, labels, adapter_ids)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, H]
         elif logits_to_keep:

@@ -34,12 +34,10 @@ from .config import ModelConfig
 from .decoder import CausalLM
 from .embedded import EMBEDDED_NAME, converted_folder, embedded_gguf
 from .experts_io import expert_part, renamed, stack_experts
-from .llama import Linear
+from .linear import Linear
+from .precision import DTYPES, resolve_precision  # noqa: F401  (DTYPES: cli/quantize)
 
 log = logging.getLogger("loraforge")
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -94,20 +92,6 @@ def read_config(folder: Path) -> ModelConfig:
     except ValueError as e:
         raise LoraForgeError(f"{path}: not valid JSON ({e})") from None
     return ModelConfig.from_hf(raw, str(path))
-
-
-def default_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        # On CPU bf16 matmuls are ~100x slower than fp32; on CUDA bf16 is the fast path.
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elif isinstance(dtype, torch.dtype):
-        dt = dtype
-    else:
-        if dtype not in DTYPES:
-            raise LoraForgeError(f"--dtype {dtype!r}: choose one of float32, bfloat16, float16")
-        dt = DTYPES[dtype]
-    return dev, dt
 
 
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
@@ -236,7 +220,8 @@ def load_model(
     t0 = time.perf_counter()
     source = resolve_source(src)
     cfg = read_config(source.folder)
-    dev, dt = default_device_dtype(device, dtype)
+    prec = resolve_precision(device, dtype)
+    dev, dt = prec.device, prec.dtype
     if quantize is not None and quantize not in QUANT_TYPES:
         raise LoraForgeError(f"--quantize {quantize!r}: choose one of {', '.join(QUANT_TYPES)}")
     with torch.device("meta"):
@@ -299,8 +284,9 @@ def load_model(
     n = count_parameters(model)
     how = "" if spec is None else f", {spec.quant_type} base" + (" (pre-quantized)" if stored else "")
     log.info(
-        "loaded %s: %s parameters, %s on %s%s (%.1fs)",
+        "loaded %s: %s parameters, %s on %s%s (%.1fs)%s",
         source.name, human(n), str(dt).replace("torch.", ""), dev, how, time.perf_counter() - t0,
+        f"; {prec.why}" if prec.why.startswith("auto") else "",
     )
     return model, tok
 

@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import RecomputeSaved, silu_mul
 from .config import ModelConfig
-from .llama import Linear, RecomputeSaved, _SiluMulFn
+from .linear import Linear
 
 
 def gated(kind: str, gate: Tensor, up: Tensor) -> Tensor:
     """act(gate) * up: [*, I]."""
     if kind == "swiglu":
-        return _SiluMulFn.apply(gate, up)
+        return silu_mul(gate, up)
     return F.gelu(gate, approximate="tanh") * up
 
 
@@ -42,10 +43,10 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x, adapter_ids), self.up_proj(x, adapter_ids)  # [B, S, I]
         h = gated(self.kind, gate, up)
-        if not recompute or self.kind != "swiglu":
+        if not recompute:
             return self.down_proj(h, adapter_ids)
         # down_proj keeps its input for the adapter's gradient; rebuild it from gate and up instead
-        with RecomputeSaved(h, lambda: F.silu(gate).mul_(up)):
+        with RecomputeSaved(h, lambda: gated(self.kind, gate, up)):
             return self.down_proj(h, adapter_ids)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .llama import _RMSNormFn
+from ..ops import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -19,4 +19,4 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [*, dim]
-        return _RMSNormFn.apply(x, self.weight + 1.0 if self.unit_offset else self.weight, self.eps)
+        return rms_norm(x, self.weight + 1.0 if self.unit_offset else self.weight, self.eps)

@@ -68,11 +68,6 @@ def _yarn(rope: RopeConfig, d: int, max_position: int) -> tuple[Tensor, float]:
     return inv_freq, float(attn)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def cos_sin(inv_freq: Tensor, scale: float, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """positions: [B, S] -> cos, sin: [B, 1, S, D]."""
     freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, S, D/2]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.errors import LoraForgeError
-from loraforge.model.llama import frozen_linear
+from loraforge.ops import compute_dtype, frozen_linear
 from loraforge.quant.functional import (
     QuantState,
     check_config,
@@ -34,16 +34,19 @@ class QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, state: QuantState) -> torch.Tensor:
-        # x: [*, in] -> [*, out]
+        # x: [*, in] -> [*, out], in x's dtype: the caller casts x to the compute dtype, and the weight is
+        # dequantized straight into it (never to fp32 and then cast)
         ctx.state = state  # the packed buffers (frozen, never written in place), not W
-        return F.linear(x, dequantize(state, x.dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, dequantize(state, x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
         # grad_out: [*, out] @ W: [out, in] -> [*, in]
-        return grad_out @ dequantize(ctx.state, grad_out.dtype), None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return grad_out @ dequantize(ctx.state, grad_out.dtype), None
 
 
 def _join(prefix: str, key: str) -> str:
@@ -166,14 +169,16 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         # x: [*, in] -> [*, out] in x.dtype. adapter_ids is accepted so that every projection is
         # called the same way; the frozen base layer has no adapters.
-        dtype = self.compute_dtype or x.dtype
+        # autocast decides the product's dtype when it is on; else the layer's compute dtype, else x's
+        dtype = compute_dtype(x) if torch.is_autocast_enabled(x.device.type) else (self.compute_dtype or x.dtype)
         if torch.is_grad_enabled():
             out = QuantMatmul.apply(x.to(dtype), self.quant_state)
         else:  # inference: no autograd node, and the few-token GEMM form
             out = frozen_linear(x.to(dtype), dequantize(self.quant_state, dtype))
         if self.bias is not None:
             out = out + self.bias.to(dtype)
-        return out.to(x.dtype)
+        # under autocast the product keeps autocast's dtype, as nn.Linear's does
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
 
     # -- serialization --------------------------------------------------------------------------
 

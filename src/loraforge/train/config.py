@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import LoraForgeError
 
 METHODS = ("lora", "qlora", "prefix")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # model.precision's, without importing torch here
 DATA_FORMATS = ("chat", "alpaca", "completion", "text")  # loraforge.data.FORMATS, without importing it
 
 
@@ -36,6 +37,9 @@ class TrainConfig:
     out: str | None = None  # output folder (default: runs/<data file stem>)
     model: str | None = None  # Hugging Face folder or .gguf (default: the embedded SmolLM2-135M-Instruct)
     device: str | None = None  # default: cuda if available, else cpu
+    # compute dtype of the frozen base: auto = bf16 on CUDA and on CPUs that multiply bf16 fast, else fp32.
+    # The trained weights and AdamW's state stay fp32 whatever this is (mixed precision).
+    dtype: str = "auto"
     method: str = "lora"  # lora, qlora (NF4 base + LoRA) or prefix
     # LoRA
     rank: int = 16
@@ -85,6 +89,8 @@ class TrainConfig:
 
         if self.method not in METHODS:
             bad("method", f"choose one of {', '.join(METHODS)}")
+        if self.dtype not in DTYPE_CHOICES:
+            bad("dtype", f"choose one of {', '.join(DTYPE_CHOICES)}")
         if self.format is not None and self.format not in DATA_FORMATS:
             bad("format", f"choose one of {', '.join(DATA_FORMATS)}")
         for name in ("rank", "num_virtual_tokens", "batch_size", "grad_accum", "keep_checkpoints"):

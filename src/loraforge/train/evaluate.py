@@ -39,11 +39,6 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls); plain fp32 on CPU, where bf16 is slow."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def batch_loss(model: nn.Module, batch: dict[str, Any], device: torch.device,
                batch_kwargs: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> torch.Tensor:
     """The mean next-token loss of one collated batch (from `loraforge.data.collate`)."""
@@ -54,8 +49,9 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], device: torch.device,
     elif (prefix := active_prefix(model, b["input_ids"].shape[0])) is not None:
         # a loaded prefix adapter is the active one (`loraforge eval`): apply it as generate() does
         kwargs.update(prefix_kwargs(prefix, kwargs["positions"], kwargs["attention_mask"]))
-    with autocast(device):
-        return model(b["input_ids"], **kwargs)
+    # No autocast: the base is stored in its compute dtype (`--dtype`), and the LoRA op casts the fp32
+    # master weights to it; norms, softmax and the loss accumulate in fp32 inside the ops.
+    return model(b["input_ids"], **kwargs)
 
 
 def mean_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int,

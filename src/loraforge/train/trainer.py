@@ -31,6 +31,7 @@ from ..paths import atomic_write_text
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .evaluate import batch_loss, mean_loss, perplexity, trained_tokens
+from .heap import release_free_heap
 from .methods import Trainable, base_quantization, prepare
 from .metrics import MetricsLog
 from .plot import plot_losses
@@ -78,7 +79,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     train_records, val_records = read_data(cfg)
     from ..model import load_model
 
-    model, tok = load_model(cfg.model, device=cfg.device, dtype="float32", quantize=base_quantization(cfg.method))
+    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=base_quantization(cfg.method))
     rows, val_examples = _encode(cfg, tok, train_records, val_records)
     device = model.inv_freq.device
 
@@ -184,7 +185,9 @@ class _Run:
         loss_sum = 0.0
         for b, n in zip(batches, counts, strict=True):
             # Weighted by trained tokens, so G micro-batches give the gradient of one batch G times larger.
+            release_free_heap()
             loss = batch_loss(self.model, b, self.device, self.trainable.batch_kwargs)
+            release_free_heap()  # the forward's temporaries, before the backward allocates its own
             if not torch.isfinite(loss):
                 self.stop(self.step + 1, f"the loss is {float(loss.detach())}")
             (loss * (n / n_total)).backward()

@@ -1,0 +1,49 @@
+"""RMSNorm: y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 whatever the input dtype."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .switch import reference_ops
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Hugging Face's LlamaRMSNorm: the variance in fp32 (bf16 loses too many bits), cast back, then
+    scaled by the weight in the promoted dtype (so an fp32 weight under autocast gives fp32)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if reference_ops():
+        return rms_norm_ref(x, weight, eps)
+    return _RMSNormFn.apply(x, weight, eps)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: saves x and the [*, 1] scale, not autograd's chain of
+    [*, H] intermediates, and takes ~4 passes over [*, H] in backward instead of ~8."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        y = torch.pow(xf, 2)  # x^2, then overwritten by the output: one [*, H] buffer, not two
+        rstd = torch.rsqrt(y.mean(-1, keepdim=True) + eps)  # [*, 1]
+        y = torch.mul(xf, rstd, out=y).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.mul_(weight) if weight.dtype == y.dtype else weight * y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd  # [*, H]
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g.float() * xhat.to(x.dtype).float()).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype)
+        gx = (g.float() * weight.float())  # d loss / d xhat, in fp32
+        # d xhat_j / d x_i = rstd (delta_ij - xhat_i xhat_j / H)
+        dot = (gx * xhat).mean(-1, keepdim=True)  # [*, 1]
+        dx = gx.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
+        return dx, dw, None
