@@ -177,3 +177,30 @@ def test_qwen3_moe_dense_layers_equal_transformers(tmp_path, smol_folder):
     x = ids()
     with torch.no_grad():
         assert_logits_close(model(x), hf(x).logits)
+
+
+def test_peft_prefix_adapter_gives_peft_logits(family, tmp_path):
+    """Prefix tuning, with sliding windows (the prefix slides out of them) and soft-capping."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from loraforge.adapters import attach_adapter
+    from loraforge.prefix import with_active_prefix
+
+    name, folder, hf = family
+    pm = get_peft_model(hf, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    try:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for p in pm.prompt_encoder["default"].parameters():
+                p.normal_()
+        pm.eval().save_pretrained(str(tmp_path / "prefix"))
+        x = ids(seed=5)
+        with torch.no_grad():
+            theirs = pm(x).logits
+    finally:
+        pm.unload() if hasattr(pm, "unload") else None
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    attach_adapter(model, tmp_path / "prefix")
+    with torch.no_grad():
+        ours = model(**with_active_prefix(model, {"input_ids": x}))
+    assert_logits_close(ours, theirs)
