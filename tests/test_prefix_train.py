@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 
 
 def tiny_cfg(data, tiny_folder, out, **kw) -> TrainConfig:
-    base = dict(data=str(data), model=str(tiny_folder), out=str(out), device="cpu", method="prefix",
+    base = dict(data=str(data), model=str(tiny_folder), out=str(out), device="cpu", dtype="float32", method="prefix",
                 num_virtual_tokens=4, batch_size=4, lr=3e-2, eval_every=0, save_every=0, max_len=128, seed=0)
     return TrainConfig(**{**base, **kw})
 

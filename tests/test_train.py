@@ -39,7 +39,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(data, tiny_folder, out, **kw) -> TrainConfig:
-    base = dict(data=str(data), model=str(tiny_folder), out=str(out), device="cpu", rank=4, alpha=8,
+    base = dict(data=str(data), model=str(tiny_folder), out=str(out), device="cpu", dtype="float32", rank=4, alpha=8,
                 batch_size=4, max_steps=6, lr=1e-2, eval_every=3, save_every=3, max_len=128, seed=0)
     base.update(kw)
     return TrainConfig(**base)

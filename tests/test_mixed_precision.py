@@ -1,0 +1,92 @@
+"""Mixed precision: whole training steps with bf16 base weights (what `--dtype auto` picks on a CPU with
+fast bf16, and on CUDA) and under CPU bf16 autocast (a user's own loop, fp32 weights), for LoRA, QLoRA and
+prefix tuning, with and without gradient checkpointing, at the default dropout. The loss tracks the fp32
+run's, the trained weights and the optimizer state stay fp32, and the frozen base is stored in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import chat_data
+
+from loraforge.train import TrainConfig, train
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return chat_data(tmp_path_factory.mktemp("data") / "colors.jsonl")
+
+
+def run(data, tiny_folder, out, method, dtype, ckpt) -> list[float]:
+    cfg = TrainConfig(data=str(data), model=str(tiny_folder), out=str(out), device="cpu", dtype=dtype, method=method,
+                      rank=4, alpha=8, num_virtual_tokens=4, batch_size=4, max_steps=STEPS,
+                      lr=3e-2 if method == "prefix" else 1e-2, eval_every=0, save_every=0, max_len=128, seed=0,
+                      grad_checkpointing=ckpt)
+    assert cfg.dropout == 0.05 or method == "prefix"  # the default dropout: the fused path must take it
+    res = train(cfg)
+    for p in res.model.parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32  # fp32 master weights
+    base = res.model.model.embed_tokens.weight
+    assert base.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and "val_loss" not in r]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "grad-ckpt"])
+def test_bf16_base_training_tracks_fp32(tmp_path, data, tiny_folder, method, ckpt):
+    fp32 = run(data, tiny_folder, tmp_path / "fp32", method, "float32", ckpt)
+    bf16 = run(data, tiny_folder, tmp_path / "bf16", method, "bfloat16", ckpt)
+    assert len(fp32) == len(bf16) == STEPS
+    for a, b in zip(fp32, bf16, strict=True):
+        assert abs(a - b) <= 0.03 * abs(a), (fp32, bf16)
+    assert bf16[-1] < bf16[0]  # it learns
+    tensors = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}  # saved in fp32, as PEFT writes adapters
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "grad-ckpt"])
+def test_training_steps_under_cpu_autocast_track_fp32(tiny_folder, method, ckpt):
+    """A user's own loop: fp32 weights, torch.autocast("cpu", bfloat16) around the forward."""
+    from loraforge import LoraConfig, add_lora, load_model, set_trainable_params
+    from loraforge.prefix import PrefixConfig, add_prefix, prefix_for, prefix_kwargs, set_trainable_prefix
+
+    def losses(autocast: bool) -> list[float]:
+        torch.manual_seed(0)
+        model, _ = load_model(str(tiny_folder), device="cpu", dtype="float32",
+                              quantize="nf4" if method == "qlora" else None)
+        if method == "prefix":
+            add_prefix(model, "p", PrefixConfig(num_virtual_tokens=4))
+            params = set_trainable_prefix(model, "p")
+        else:
+            add_lora(model, "a", LoraConfig(r=4, alpha=8))  # default dropout 0.05
+            params = set_trainable_params(model, "a")
+        model.gradient_checkpointing = ckpt
+        model.train()
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(STEPS):
+            ids = torch.randint(0, 200, (2, 16), generator=g)
+            kw = prefix_kwargs(prefix_for(model, "p", 2)) if method == "prefix" else {}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(ids, labels=ids, **kw)
+            assert loss.dtype == torch.float32
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(float(loss.detach()))
+        return out
+
+    ref, got = losses(False), losses(True)
+    for a, b in zip(ref, got, strict=True):
+        assert abs(a - b) <= 0.03 * abs(a), (ref, got)
