@@ -1,0 +1,132 @@
+"""ModelConfig per family: fields read and validated, unimplemented maths refused by name, GGUF families
+checked before conversion, NF4 codes of every family's projections equal to bitsandbytes'."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_families import BASE, FAMILIES, MOE, build
+
+from loraforge.errors import LoraForgeError
+from loraforge.model import ModelConfig, load_model
+from loraforge.quant import QuantLinear
+
+
+def hf_dict(family: str, **overrides) -> dict:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **overrides}).to_dict()
+
+
+def test_family_fields():
+    g2 = ModelConfig.from_hf(hf_dict("gemma2"))
+    assert (g2.norm_placement, g2.norm_unit_offset, g2.embed_scale, g2.mlp_kind) == ("sandwich", True, True, "geglu_tanh")
+    assert (g2.attn_softcap, g2.final_softcap, g2.attn_scale) == (2.0, 3.0, 12 ** -0.5)
+    assert g2.layer_windows == [6, None]  # transformers' default alternation: even layers slide
+    g3 = ModelConfig.from_hf(hf_dict("gemma3_text"))
+    assert g3.qk_norm == "head" and g3.rope_local.theta == 100.0 and g3.rope_scaling["rope_type"] == "linear"
+    assert ModelConfig.from_hf(hf_dict("olmo2")).qk_norm == "proj"
+    assert ModelConfig.from_hf(hf_dict("mistral")).layer_windows == [6, 6]
+    assert ModelConfig.from_hf(hf_dict("qwen2")).layer_windows == [None, 6]  # max_window_layers=1
+    phi3 = ModelConfig.from_hf(hf_dict("phi3"))
+    assert phi3.fused_qkv and phi3.fused_gate_up
+    mix, q3m = ModelConfig.from_hf(hf_dict("mixtral")), ModelConfig.from_hf(hf_dict("qwen3_moe"))
+    assert (mix.num_experts, mix.experts_per_token, mix.moe_renormalize) == (4, 2, True)
+    assert (q3m.num_experts, q3m.moe_intermediate_size, q3m.moe_renormalize) == (4, 16, False)
+
+
+def test_legacy_top_level_rope_keys_are_read():
+    """Hub configs written before transformers 5 keep rope_theta / rope_scaling at the top level."""
+    raw = {**BASE, "model_type": "llama", "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
+    cfg = ModelConfig.from_hf(raw)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["factor"] == 4.0
+
+
+@pytest.mark.parametrize(("family", "field", "value", "named"), [
+    ("llama", "attention_dropout", 0.1, "attention_dropout"),
+    ("mixtral", "router_jitter_noise", 0.1, "router_jitter_noise"),
+    ("mixtral", "output_router_logits", True, "output_router_logits"),
+    ("phi3", "resid_pdrop", 0.1, "resid_pdrop"),
+    ("gemma2", "use_bidirectional_attention", True, "use_bidirectional_attention"),
+    ("llama", "hidden_act", "relu", "hidden_act"),
+    ("llama", "rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, "rope_type"),
+    ("phi3", "rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+     "partial_rotary_factor"),
+])
+def test_unimplemented_maths_is_refused_by_name(family, field, value, named):
+    raw = {**hf_dict(family), field: value}
+    with pytest.raises(LoraForgeError) as e:
+        ModelConfig.from_hf(raw, "m/config.json")
+    msg = str(e.value)
+    assert msg.startswith("m/config.json: ") and named in msg and "\n" not in msg
+
+
+def test_unknown_family_is_refused(tmp_path):
+    with pytest.raises(LoraForgeError, match="unsupported architecture 'FalconForCausalLM'.*supports: llama"):
+        ModelConfig.from_hf({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}, "x/config.json")
+
+
+def write_gguf(path, arch: str, **fields) -> None:
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), arch)
+    for key, value in fields.items():
+        w.add_uint32(key, value)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(("arch", "fields", "named"), [
+    ("falcon", {}, "'falcon'"),
+    ("llama", {"llama.expert_count": 8}, "'llama with experts'"),  # llama.cpp's Mixtral
+])
+def test_gguf_of_unsupported_family_is_refused_before_conversion(tmp_path, monkeypatch, arch, fields, named):
+    from loraforge.model import resolve_source
+
+    monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path / "home"))
+    path = tmp_path / "m.gguf"
+    write_gguf(path, arch, **fields)
+    with pytest.raises(LoraForgeError, match=f"GGUF architecture {named} is not supported"):
+        resolve_source(str(path))
+    assert not (tmp_path / "home").exists()  # nothing converted, nothing written
+
+
+@pytest.fixture(autouse=True)
+def _eager_bnb():
+    with torch._dynamo.config.patch(disable=True):  # see test_quant_bnb.py
+        yield
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3_text", "olmo2", "qwen3_moe"])
+def test_nf4_codes_equal_bitsandbytes_and_router_stays_dense(tmp_path, smol_folder, family):
+    """Each quantized projection (Phi-3's fused qkv_proj [64, 32] and gate_up_proj [96, 32] among them)
+    holds bitsandbytes' codes for the checkpoint's weight; the MoE router is never quantized."""
+    from bitsandbytes.functional import quantize_4bit
+    from safetensors.torch import load_file
+
+    build(family, tmp_path / "m", smol_folder)
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    model, _ = load_model(str(tmp_path / "m"), device="cpu", dtype="float32", quantize="nf4")
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized and "lm_head" not in quantized
+    for name, m in quantized.items():
+        packed, qs = quantize_4bit(stored[f"{name}.weight"], blocksize=64, compress_statistics=True, quant_type="nf4")
+        ours = m.quant_state
+        assert torch.equal(ours.data, packed) and torch.equal(ours.absmax, qs.absmax), name
+        assert torch.equal(ours.nested_absmax, qs.state2.absmax) and torch.equal(ours.offset, qs.offset), name
+    if family in MOE:
+        assert not any(n.endswith("mlp.gate") for n in quantized)
+        assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+
+
+def test_saved_config_round_trips(tmp_path, smol_folder):
+    build("gemma2", tmp_path / "m", smol_folder)
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert ModelConfig.from_hf(raw).layer_windows == ModelConfig.from_hf(hf_dict("gemma2")).layer_windows
