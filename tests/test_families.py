@@ -187,20 +187,43 @@ def test_peft_prefix_adapter_gives_peft_logits(family, tmp_path):
     from loraforge.prefix import with_active_prefix
 
     name, folder, hf = family
+    # prompt learning leaves the transformers model's modules as they are: nothing to unload afterwards
     pm = get_peft_model(hf, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    try:
-        torch.manual_seed(5)
-        with torch.no_grad():
-            for p in pm.prompt_encoder["default"].parameters():
-                p.normal_()
-        pm.eval().save_pretrained(str(tmp_path / "prefix"))
-        x = ids(seed=5)
-        with torch.no_grad():
-            theirs = pm(x).logits
-    finally:
-        pm.unload() if hasattr(pm, "unload") else None
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in pm.prompt_encoder["default"].parameters():
+            p.normal_()
+    pm.eval().save_pretrained(str(tmp_path / "prefix"))
+    x = ids(seed=5)
+    with torch.no_grad():
+        theirs = pm(x).logits
     model, _ = load_model(str(folder), device="cpu", dtype="float32")
     attach_adapter(model, tmp_path / "prefix")
     with torch.no_grad():
         ours = model(**with_active_prefix(model, {"input_ids": x}))
     assert_logits_close(ours, theirs)
+
+
+def test_serving_engine_equals_transformers_past_the_window(family, tmp_path):
+    """Continuous batching (right-padded batched prefill, per-row decode positions) with a LoRA row beside
+    base rows: base rows equal transformers' generate, the adapter row equals our one-adapter path."""
+    from loraforge.serve.engine import Engine
+
+    name, folder, hf = family
+    model, tok = load_model(str(folder), device="cpu", dtype="float32")
+    add_lora(model, "a", LoraConfig(r=4, alpha=8, dropout=0.0))
+    randomize_adapter(model, "a", seed=6)
+    save_adapter(model, "a", tmp_path / "a")
+    base_model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    engine = Engine(base_model, tok, max_batch=3, max_len=64)
+    engine.load_adapter("a", tmp_path / "a")
+    n = 2 * WINDOW
+    sp = SamplingParams(max_new_tokens=n, min_tokens=n)
+    prompts = [ids(1, L, seed=7 + L)[0].tolist() for L in (3, 7, 5)]
+    got = [c.token_ids for c in engine.generate(prompts, sp, [None, "a", None])]
+    for p in (prompts[0], prompts[2]):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=2)
+        assert got[prompts.index(p)] == out[0, len(p):].tolist()
+    assert got[1] == generate_ids(model, [prompts[1]], sp, eos_ids={2})[0]
