@@ -227,3 +227,38 @@ def test_serving_engine_equals_transformers_past_the_window(family, tmp_path):
                               pad_token_id=0, eos_token_id=2)
         assert got[prompts.index(p)] == out[0, len(p):].tolist()
     assert got[1] == generate_ids(model, [prompts[1]], sp, eos_ids={2})[0]
+
+
+def test_training_loss_and_lora_gradients_equal_peft(family, tmp_path):
+    """The training path (chunked loss, soft-capped head, fused LoRA op, recomputed activations) gives
+    PEFT's loss and adapter gradients."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from loraforge.lora import get_adapter_params, set_trainable_params
+
+    name, folder, hf = family
+    pm = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv_proj", "o_proj"],
+                                           init_lora_weights=False))
+    x = ids(seed=8)
+    try:
+        pm.train()
+        loss_theirs = pm(input_ids=x, labels=x).loss
+        loss_theirs.backward()
+        grads = {k.replace("base_model.model.", "").replace(".default", ""): p.grad.clone()
+                 for k, p in pm.named_parameters() if p.requires_grad}
+        pm.save_pretrained(str(tmp_path / "peft"))
+    finally:
+        pm.unload()
+        hf.eval()
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    load_adapter(model, tmp_path / "peft", "p")
+    set_trainable_params(model, "p")
+    model.train()
+    loss = model(x, labels=x)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_theirs, rtol=1e-5, atol=1e-6)
+    params = get_adapter_params(model, "p")
+    assert len(params) == len(grads)
+    for key, p in params.items():
+        torch.testing.assert_close(p.grad, grads[f"{key}.weight"], rtol=1e-4, atol=1e-6)
