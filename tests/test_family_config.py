@@ -104,16 +104,21 @@ def _eager_bnb():
         yield
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma3_text", "olmo2", "qwen3_moe"])
-def test_nf4_codes_equal_bitsandbytes_and_router_stays_dense(tmp_path, smol_folder, family):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_qlora_nf4_codes_equal_bitsandbytes_and_forward_equals_dequantized(tmp_path, smol_folder, family):
     """Each quantized projection (Phi-3's fused qkv_proj [64, 32] and gate_up_proj [96, 32] among them)
-    holds bitsandbytes' codes for the checkpoint's weight; the MoE router is never quantized."""
+    holds bitsandbytes' codes for the checkpoint's weight, the router of a MoE model stays dense, and a
+    LoRA adapter on the NF4 base gives the logits of the same adapter on the dequantized weights."""
     from bitsandbytes.functional import quantize_4bit
+    from conftest import randomize_adapter
     from safetensors.torch import load_file
+
+    from loraforge.lora import LoraConfig, add_lora
 
     build(family, tmp_path / "m", smol_folder)
     stored = load_file(str(tmp_path / "m" / "model.safetensors"))
     model, _ = load_model(str(tmp_path / "m"), device="cpu", dtype="float32", quantize="nf4")
+    ref, _ = load_model(str(tmp_path / "m"), device="cpu", dtype="float32")
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert quantized and "lm_head" not in quantized
     for name, m in quantized.items():
@@ -121,9 +126,17 @@ def test_nf4_codes_equal_bitsandbytes_and_router_stays_dense(tmp_path, smol_fold
         ours = m.quant_state
         assert torch.equal(ours.data, packed) and torch.equal(ours.absmax, qs.absmax), name
         assert torch.equal(ours.nested_absmax, qs.state2.absmax) and torch.equal(ours.offset, qs.offset), name
+        with torch.no_grad():
+            ref.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
     if family in MOE:
         assert not any(n.endswith("mlp.gate") for n in quantized)
         assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    for m in (model, ref):
+        add_lora(m, "q", LoraConfig(r=4, alpha=8, dropout=0.0))
+        randomize_adapter(m, "q", seed=1)
+    x = torch.randint(3, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-4)
 
 
 def test_saved_config_round_trips(tmp_path, smol_folder):
