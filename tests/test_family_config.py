@@ -106,9 +106,10 @@ def _eager_bnb():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_qlora_nf4_codes_equal_bitsandbytes_and_forward_equals_dequantized(tmp_path, smol_folder, family):
-    """Each quantized projection (Phi-3's fused qkv_proj [64, 32] and gate_up_proj [96, 32] among them)
-    holds bitsandbytes' codes for the checkpoint's weight, the router of a MoE model stays dense, and a
-    LoRA adapter on the NF4 base gives the logits of the same adapter on the dequantized weights."""
+    """Each quantized projection (Phi-3's fused qkv_proj [64, 32] and gate_up_proj [96, 32], each MoE
+    expert's [32, 32] gate_up and [32, 16] down among them) holds bitsandbytes' codes for the checkpoint's
+    weight, the router of a MoE model stays dense, and a LoRA adapter on the NF4 base gives the logits of
+    the same adapter on the dequantized weights."""
     from bitsandbytes.functional import quantize_4bit
     from conftest import randomize_adapter
     from safetensors.torch import load_file
@@ -122,13 +123,20 @@ def test_qlora_nf4_codes_equal_bitsandbytes_and_forward_equals_dequantized(tmp_p
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert quantized and "lm_head" not in quantized
     for name, m in quantized.items():
-        packed, qs = quantize_4bit(stored[f"{name}.weight"], blocksize=64, compress_statistics=True, quant_type="nf4")
+        if ".experts." in name:  # ...experts.gate_up_proj.3: expert 3 of the stacked [E, out, in] parameter
+            path, e = name.rsplit(".", 1)
+            weight = ref.get_parameter(path)[int(e)]
+        else:
+            weight = ref.get_submodule(name).weight
+            assert torch.equal(weight, stored[f"{name}.weight"])
+        packed, qs = quantize_4bit(weight.detach(), blocksize=64, compress_statistics=True, quant_type="nf4")
         ours = m.quant_state
         assert torch.equal(ours.data, packed) and torch.equal(ours.absmax, qs.absmax), name
         assert torch.equal(ours.nested_absmax, qs.state2.absmax) and torch.equal(ours.offset, qs.offset), name
         with torch.no_grad():
-            ref.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+            weight.copy_(m.dequantize(torch.float32))
     if family in MOE:
+        assert sum(".experts." in n for n in quantized) == 2 * 4 * BASE["num_hidden_layers"]
         assert not any(n.endswith("mlp.gate") for n in quantized)
         assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
     for m in (model, ref):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
 
 _EXPERT = re.compile(r"(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)"
                      r"\.weight")
@@ -48,3 +49,22 @@ def stack_experts(parts: dict[tuple[str, int, str], torch.Tensor], n_experts: in
             [torch.cat([get(e, "gate"), get(e, "up")], dim=0) for e in range(n_experts)])
         out[f"{layer}.mlp.experts.down_proj"] = torch.stack([get(e, "down") for e in range(n_experts)])
     return out
+
+
+def quantize_experts(model: nn.Module, spec, compute_dtype: torch.dtype) -> list[str]:
+    """QLoRA on a MoE model: replace each layer's stacked expert weights by one frozen quantized linear per
+    expert (bitsandbytes' codes for that expert's [out, in] weight). The router is never quantized: a
+    rounded router would send tokens to other experts. Returns the quantized module paths."""
+    from ..quant import QuantLinear
+    from ..quant.checkpoint import quantize_weight
+
+    done = []
+    for path, experts in [(p, m) for p, m in model.named_modules() if type(m).__name__ == "Experts"]:
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(experts, name)  # [E, out, in]
+            delattr(experts, name)
+            setattr(experts, name, nn.ModuleList(
+                QuantLinear.from_state(quantize_weight(w[e].detach(), spec), None, compute_dtype)
+                for e in range(w.shape[0])))
+            done += [f"{path}.{name}.{e}" for e in range(w.shape[0])]
+    return done

@@ -33,7 +33,7 @@ from ..quant.linear import linear_names
 from .config import ModelConfig
 from .decoder import CausalLM
 from .embedded import EMBEDDED_NAME, converted_folder, embedded_gguf
-from .experts_io import expert_part, renamed, stack_experts
+from .experts_io import expert_part, quantize_experts, renamed, stack_experts
 from .linear import Linear
 from .precision import DTYPES, resolve_precision  # noqa: F401  (DTYPES: cli/quantize)
 
@@ -270,6 +270,8 @@ def load_model(
             _check_shape(source.folder, name, t, shapes.get(name))
             _set_tensor(model, name, t.to(device=dev, dtype=dt))
             seen.add(name)
+    if cfg.num_experts and on_load:  # QLoRA quantizes the experts too (loaded whole first, then quantized)
+        quantize_experts(model, spec, dt)
     missing = sorted(set(shapes) - seen)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

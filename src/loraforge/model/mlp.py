@@ -63,7 +63,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E gated MLPs stored as two stacked tensors."""
+    """E gated MLPs stored as two stacked tensors, or (QLoRA) as one frozen quantized linear per expert and
+    projection (``gate_up_proj.e``, ``down_proj.e``: see model/experts_io.py's quantize_experts)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -74,8 +75,12 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, e: int) -> Tensor:
         # x: [n, hidden] tokens routed to expert e -> [n, hidden]
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(gated(self.kind, gate, up), self.down_proj[e])
+        gate, up = self._proj(self.gate_up_proj, e, x).chunk(2, dim=-1)  # [n, I] each
+        return self._proj(self.down_proj, e, gated(self.kind, gate, up))
+
+    @staticmethod
+    def _proj(w: Tensor | nn.ModuleList, e: int, x: Tensor) -> Tensor:
+        return w[e](x) if isinstance(w, nn.ModuleList) else F.linear(x, w[e])
 
 
 class MoE(nn.Module):
