@@ -118,6 +118,9 @@ def lora_config_from_peft(raw: dict, where: str) -> LoraConfig:
             raise LoraForgeError(f"{where}: {key}={raw[key]!r} is not supported")
     if raw.get("bias", "none") != "none":
         raise LoraForgeError(f"{where}: bias={raw['bias']!r} is not supported (only 'none')")
+    if raw.get("target_parameters"):
+        raise LoraForgeError(f"{where}: target_parameters={raw['target_parameters']!r} (LoRA on stacked parameters, "
+                             "such as MoE experts and routers) is not supported; target linear modules instead")
     if raw.get("modules_to_save"):
         raise LoraForgeError(f"{where}: modules_to_save={raw['modules_to_save']!r} (fully trained extra modules) "
                              "is not supported")
