@@ -262,3 +262,26 @@ def test_training_loss_and_lora_gradients_equal_peft(family, tmp_path):
     assert len(params) == len(grads)
     for key, p in params.items():
         torch.testing.assert_close(p.grad, grads[f"{key}.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_merged_export_loads_in_transformers(family, tmp_path):
+    """merge_adapter / unmerge_adapter are exact, and `save_merged` writes a folder transformers reads back
+    with the adapter's logits (Phi-3's fused projections, tied embeddings and MoE experts included)."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.lora import merge_adapter, save_merged, unmerge_adapter
+
+    name, folder, _ = family
+    model, tok = load_model(str(folder), device="cpu", dtype="float32")
+    add_lora(model, "m", LoraConfig(r=4, alpha=8, dropout=0.0))
+    randomize_adapter(model, "m", seed=9)
+    x = ids(seed=9)
+    with torch.no_grad():
+        ours = model(x)
+        merge_adapter(model)
+        assert_logits_close(model(x), ours)
+        unmerge_adapter(model)
+    save_merged(model, tok, tmp_path / "merged", "m")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert_logits_close(merged(x).logits, ours)
