@@ -166,3 +166,33 @@ def test_peft_adapter_on_moe_experts_is_refused_by_name(tmp_path, smol_folder):
     with pytest.raises(LoraForgeError, match=r"adapter_config.json: target_parameters=.*gate_up_proj.*not supported"):
         load_adapter(model, tmp_path / "a")
     assert not any("lora" in k for k in model.state_dict())  # the model is untouched
+
+
+@pytest.mark.parametrize(("family", "method"), [("qwen3_moe", "qlora")])
+def test_cli_trains_and_generates(tmp_path, smol_folder, family, method):
+    """`loraforge train` then `loraforge generate --adapter`, as a user would: QLoRA on a MoE model (experts
+    quantized, q/k norms). Two subprocesses, so one family; the API tests cover the rest."""
+    import os
+    import subprocess
+    import sys
+
+    build(family, tmp_path / "m", smol_folder, vocab_size=49152)  # the real tokenizer's ids
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Item {i}?"},
+                                             {"role": "assistant", "content": f"Item {i} is red."}]}) + "\n")
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "loraforge", *args], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    cli("train", str(tmp_path / "d.jsonl"), "--model", str(tmp_path / "m"), "--method", method, "--out",
+        str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--rank", "4", "--device", "cpu",
+        "--dtype", "float32", "--eval-every", "0", "--no-progress")
+    adapter = tmp_path / "run"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    out = cli("generate", "--model", str(tmp_path / "m"), "--adapter", str(adapter), "--prompt", "Item 3?",
+              "--max-new-tokens", "4", "--device", "cpu")
+    assert out.strip()
