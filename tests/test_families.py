@@ -202,6 +202,14 @@ def test_peft_prefix_adapter_gives_peft_logits(family, tmp_path):
     with torch.no_grad():
         ours = model(**with_active_prefix(model, {"input_ids": x}))
     assert_logits_close(ours, theirs)
+    # cached generation (the prefix as the first cached keys) past the window equals greedy full forwards
+    n, seq = 2 * WINDOW, x[:1, :4]
+    got = generate_ids(model, [seq[0].tolist()], SamplingParams(max_new_tokens=n, min_tokens=n), eos_ids={2})[0]
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(**with_active_prefix(model, {"input_ids": seq}))[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    assert got == seq[0, 4:].tolist()
 
 
 def test_serving_engine_equals_transformers_past_the_window(family, tmp_path):

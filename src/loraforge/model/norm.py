@@ -19,4 +19,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [*, dim]
-        return rms_norm(x, self.weight + 1.0 if self.unit_offset else self.weight, self.eps)
+        if not self.unit_offset:
+            return rms_norm(x, self.weight, self.eps)
+        # 1 + w in fp32 as Gemma's reference does (in bf16, 1 + w keeps only ~2 decimal digits of w), then the
+        # result back in x's dtype
+        return rms_norm(x, self.weight.float() + 1.0, self.eps).to(x.dtype)
