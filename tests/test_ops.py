@@ -104,26 +104,19 @@ def test_frozen_head_ce(mode, bias, chunk):
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("master_fp32", [False, True])
 def test_lora_linear(mode, bias, dropout, master_fp32):
-    """y = x W^T + b + s B(A xd); xd is a separate input when there is dropout. With fp32 master A and B
+    """y = x W^T + b + s B(A dropout(x)), dropout given as its mask. With fp32 master A and B
     on a bf16 base ("bf16" + master_fp32), products run in bf16 and A, B get fp32 gradients."""
     x, = _inputs(mode, (2, 5, 12))
     W, b = _inputs(mode, (20, 12), (20,), grad=False, seed=1)
     A, B = _inputs("fp32" if master_fp32 else mode, (4, 12), (20, 4), seed=2)
     b = b if bias else None
-    if dropout:
-        mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) > 0.3).to(x.dtype) / 0.7
+    keep = ops.dropout_mask(x, 0.3) if dropout else None
 
-        def fused(x, A, B):
-            return ops.lora_linear(x, x * mask, W, b, A, B, 2.5)
+    def fused(x, A, B):
+        return ops.lora_linear(x, W, b, A, B, 2.5, keep, 0.3)
 
-        def ref(x, A, B):
-            return ops.lora_linear_ref(x, x * mask.double(), W.double(), None if b is None else b.double(), A, B, 2.5)
-    else:
-        def fused(x, A, B):
-            return ops.lora_linear(x, x, W, b, A, B, 2.5)
-
-        def ref(x, A, B):
-            return ops.lora_linear_ref(x, x, W.double(), None if b is None else b.double(), A, B, 2.5)
+    def ref(x, A, B):
+        return ops.lora_linear_ref(x, W.double(), None if b is None else b.double(), A, B, 2.5, keep, 0.3)
 
     y = _compare(fused, ref, [x, A, B], mode)
     assert y.dtype == (torch.float32 if mode == "fp32" else torch.bfloat16)
@@ -143,11 +136,26 @@ def test_lora_linear_on_a_quantized_base_dequantizes_into_the_compute_dtype():
     x = torch.randn(3, 64, requires_grad=True)
     A, B = torch.randn(4, 64, requires_grad=True), torch.randn(32, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ops.lora_linear(x, x, None, None, A, B, 2.0, dequant)
+        y = ops.lora_linear(x, None, None, A, B, 2.0, dequant=dequant)
     y.sum().backward()
     assert asked == [torch.bfloat16, torch.bfloat16]  # forward and backward, never fp32 then cast
-    ref = ops.lora_linear_ref(x.double(), x.double(), q.dequantize(torch.float64), None, A.double(), B.double(), 2.0)
+    ref = ops.lora_linear_ref(x.double(), q.dequantize(torch.float64), None, A.double(), B.double(), 2.0)
     _close(y, ref, "bf16")
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_mask_keeps_one_minus_p(p):
+    """16-bit draws: the keep rate is 1 - p to within sampling noise (n = 2^20: 5 sigma < 0.003), masks
+    differ between calls, and a seed repeats them."""
+    x = torch.empty(1 << 20)
+    torch.manual_seed(0)
+    a = ops.dropout_mask(x, p)
+    b = ops.dropout_mask(x, p)
+    torch.manual_seed(0)
+    assert torch.equal(ops.dropout_mask(x, p), a) and not torch.equal(a, b)
+    assert abs(a.float().mean().item() - (1 - p)) < 5 * ((p * (1 - p)) / x.numel()) ** 0.5 + 2**-16
+    y = ops.dropout_ref(torch.ones(4, 8), torch.ones(4, 8, dtype=torch.bool), p)
+    torch.testing.assert_close(y, torch.full((4, 8), 1 / (1 - p)))
 
 
 def test_frozen_linear_is_f_linear():

@@ -242,3 +242,27 @@ def test_cuda_matches_cpu(quant_type):
     layer = make_layer(quant_type).cuda()
     x = torch.randn(4, 96, generator=gen(22))
     torch.testing.assert_close(layer(x.cuda()).cpu(), make_layer(quant_type)(x))
+
+
+def test_dense_cache_serves_the_same_outputs_without_dequantizing(tiny_folder, monkeypatch):
+    """`serve` caches each NF4 weight dequantized: decoding then gives the same logits and never
+    dequantizes; training (grad on) still goes through the codes."""
+    import loraforge.quant.linear as ql
+    from loraforge.model import load_model
+    from loraforge.quant import cache_dense_weights
+
+    model, _ = load_model(str(tiny_folder), device="cpu", dtype="bfloat16", quantize="nf4")
+    ids = torch.randint(0, 200, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+    n = cache_dense_weights(model, torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, ql.QuantLinear)]
+    assert n == sum(m.in_features * m.out_features * 2 for m in layers) > 0
+    calls = []
+    real = ql.dequantize
+    monkeypatch.setattr(ql, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = model(ids)
+    assert calls == [] and torch.equal(got, want)
+    model.to("cpu")  # a move drops the copies rather than leaving them behind on the old device
+    assert all(m.dense is None for m in layers)

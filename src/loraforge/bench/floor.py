@@ -62,9 +62,22 @@ def gen_flops(s: Setting, batch: int, d: dict | None = None) -> float:
 
 
 def matmul_rate(s: Setting) -> dict:
-    """fp32 torch.mm GFLOP/s on the step's base and head shapes, forward ([T, in] x [in, out]) and
-    backward ([T, out] x [out, in]), weighted by how many FLOPs of each shape a step does."""
+    """torch.mm GFLOP/s on the step's base and head shapes, forward ([T, in] x [in, out]) and backward
+    ([T, out] x [out, in]), weighted by how many FLOPs of each shape a step does: in fp32, and in bf16 when
+    this CPU multiplies bf16 fast (model.precision's verdict; elsewhere bf16 runs ~100x slower and a
+    bf16 floor means nothing)."""
+    from ..model.precision import cpu_bf16_verdict
+
     setup_process(s)
+    out = _rate(s, torch.float32)
+    out["bf16_verdict"] = verdict = cpu_bf16_verdict()
+    if verdict["fast"]:
+        bf16 = _rate(s, torch.bfloat16)
+        out["gflops_bf16"], out["per_shape_bf16"] = bf16["gflops"], bf16["per_shape"]
+    return out
+
+
+def _rate(s: Setting, dtype: torch.dtype) -> dict:
     d = _dims(s)
     T, C = s.batch * s.seq, min(s.batch * s.seq, 256)
     weights: dict[tuple[int, int, int], float] = {}
@@ -76,8 +89,8 @@ def matmul_rate(s: Setting) -> dict:
     weights[(C, d["V"], d["H"])] = chunks
     flops, seconds, per_shape = 0.0, 0.0, {}
     for (m, k, n), w in sorted(weights.items()):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        out = torch.empty(m, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        out = torch.empty(m, n, dtype=dtype)
         torch.mm(a, b, out=out)
         best, start = float("inf"), time.perf_counter()
         while time.perf_counter() - start < s.rate_seconds or best == float("inf"):

@@ -28,8 +28,12 @@ PLAN = [
     ("matmul_rate", "matmul_rate", {}),
     ("lora_ours", "lora_ours", {}),
     ("lora_peft", "lora_peft", {}),
+    ("lora_ours_auto", "lora_ours", {"dtype": "auto"}),
+    ("lora_peft_bf16", "lora_peft", {"autocast": True}),
     ("qlora_ours", "qlora_ours", {}),
     ("qlora_peft_bnb", "qlora_peft_bnb", {}),
+    ("qlora_ours_auto", "qlora_ours", {"dtype": "auto"}),
+    ("qlora_peft_bnb_bf16", "qlora_peft_bnb", {"autocast": True}),
     ("lora_ours_ckpt", "lora_ours", {"grad_checkpointing": True}),
     ("gen_ours", "gen_ours", {}),
     ("gen_ours_merged", "gen_ours_merged", {}),
@@ -37,9 +41,13 @@ PLAN = [
     ("quant_ours", "quant_ours", {}),
     ("quant_bnb", "quant_bnb", {}),
 ]
-PAIRS = {"lora_ours": "lora_peft", "qlora_ours": "qlora_peft_bnb"}  # run in lockstep (see run_pair)
+# run in lockstep (see run_pair)
+PAIRS = {"lora_ours": "lora_peft", "qlora_ours": "qlora_peft_bnb", "lora_ours_auto": "lora_peft_bf16",
+         "qlora_ours_auto": "qlora_peft_bnb_bf16"}
 QUICK_SKIPS = ("lora_ours_ckpt",)  # the smoke test only needs each worker kind once
-GROUPS = {"lora": ("lora_ours", "lora_peft", "lora_ours_ckpt"), "qlora": ("qlora_ours", "qlora_peft_bnb"),
+BF16_ONLY = ("lora_peft_bf16", "qlora_peft_bnb_bf16")  # ~100x slower where bf16 is not fast: not run there
+GROUPS = {"lora": ("lora_ours", "lora_peft", "lora_ours_ckpt", "lora_ours_auto", "lora_peft_bf16"),
+          "qlora": ("qlora_ours", "qlora_peft_bnb", "qlora_ours_auto", "qlora_peft_bnb_bf16"),
           "gen": ("gen_ours", "gen_ours_merged", "gen_peft"), "quant": ("quant_ours", "quant_bnb")}
 
 
@@ -70,16 +78,17 @@ def run_worker(worker: str, s: Setting, timeout: float) -> dict:
     return _parse(p.stdout, p.stderr, p.returncode)
 
 
-def run_pair(a: str, b: str, s: Setting, timeout: float) -> tuple[dict, dict]:
+def run_pair(a: str, b: str, sa: Setting, sb: Setting, timeout: float) -> tuple[dict, dict]:
     """Two training workers in lockstep: step i of one, then step i of the other (alternating who goes
     first), so a burst of background load falls on both rather than on whichever ran at that time.
     Each still runs in its own process, so its peak RSS is its own."""
-    s = dataclasses.replace(s, lockstep=True)
+    settings = {a: dataclasses.replace(sa, lockstep=True), b: dataclasses.replace(sb, lockstep=True)}
+    s = settings[a]
     procs, errs = {}, {}
     for w in (a, b):
         errs[w] = tempfile.TemporaryFile(mode="w+")
-        procs[w] = subprocess.Popen(_cmd(w, s), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[w],
-                                    text=True, env=_env(s))
+        procs[w] = subprocess.Popen(_cmd(w, settings[w]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=errs[w], text=True, env=_env(settings[w]))
     timer = threading.Timer(timeout, lambda: [p.kill() for p in procs.values()])
     timer.start()
     out = {w: [] for w in procs}
@@ -145,14 +154,24 @@ def run(s: Setting, out: Path, only: list[str] | None = None, timeout: float = 9
         keys = {"matmul_rate"}
         for o in only:
             keys.update(GROUPS.get(o, (o,)))
+    from ..model.precision import cpu_bf16_verdict
+
     m, raw, t_all = machine(), {}, time.perf_counter()
+    m["bf16"] = verdict = cpu_bf16_verdict()
+    plan = {key: (worker, over) for key, worker, over in PLAN}
     for key, worker, over in PLAN:
         if (keys is not None and key not in keys) or (s.quick and key in QUICK_SKIPS) or key in raw:
             continue
+        if key in BF16_ONLY and not verdict["fast"]:
+            raw[key] = {"skipped": f"bf16 is not fast on this CPU ({verdict['capability']})"}
+            continue
         t0 = time.perf_counter()
-        if key in PAIRS and (keys is None or PAIRS[key] in keys):
-            raw[key], raw[PAIRS[key]] = run_pair(worker, PAIRS[key], dataclasses.replace(s, **over), 2 * timeout)
-            done = (key, PAIRS[key])
+        anchor = PAIRS.get(key)
+        if anchor and (keys is None or anchor in keys) and not (anchor in BF16_ONLY and not verdict["fast"]):
+            b_worker, b_over = plan[anchor]
+            raw[key], raw[anchor] = run_pair(worker, b_worker, dataclasses.replace(s, **over),
+                                             dataclasses.replace(s, **b_over), 2 * timeout)
+            done = (key, anchor)
         else:
             raw[key] = run_worker(worker, dataclasses.replace(s, **over), timeout)
             done = (key,)

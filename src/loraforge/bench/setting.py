@@ -27,6 +27,9 @@ class Setting:
     timed_from: int = 3  # median over steps timed_from..steps (1-based)
     r: int = 16
     alpha: float = 32.0
+    dropout: float = 0.05  # the default users train with (and what selects the fused path must handle)
+    dtype: str = "float32"  # loraforge's --dtype for the base (auto: bf16 where the CPU multiplies it fast)
+    autocast: bool = False  # PEFT's rows: fp32 weights under torch.autocast("cpu", bfloat16)
     threads: int = 2
     lr: float = 1e-4
     seed: int = 0
@@ -96,12 +99,12 @@ def add_ours(model, s: Setting, b_std: float = 0.0) -> None:
     """Add loraforge's adapter "bench" (r, alpha of the setting, every target) with lora_init's weights."""
     from ..lora import LoraConfig, add_lora, lora_layers
 
-    add_lora(model, "bench", LoraConfig(r=s.r, alpha=s.alpha, dropout=0.0, targets=list(TARGETS)))
+    add_lora(model, "bench", LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=list(TARGETS)))
     layers = dict(lora_layers(model))
     init = lora_init({p: (m.out_features, m.in_features) for p, m in layers.items()}, s.r, s.seed, b_std)
     with torch.no_grad():
         for p, (A, B) in init.items():
-            layers[p].lora_A["bench"].copy_(A)
+            layers[p].lora_A["bench"].copy_(A)  # cast to the adapter's dtype, as PEFT's copy_ does
             layers[p].lora_B["bench"].copy_(B)
 
 
@@ -109,7 +112,8 @@ def add_peft(base, s: Setting, b_std: float = 0.0):
     """PEFT's LoRA model around a transformers `base`, same adapter and the same weights as add_ours."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(TARGETS),
+                     task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     prefix = "base_model.model."
     layers = {n[len(prefix):]: m for n, m in model.named_modules()

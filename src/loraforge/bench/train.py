@@ -54,7 +54,7 @@ def ours(s: Setting, quantize: str | None = None) -> dict:
     from ..model import load_model
 
     setup_process(s)
-    model, _ = load_model(s.model, device="cpu", dtype="float32", quantize=quantize)
+    model, _ = load_model(s.model, device="cpu", dtype=s.dtype, quantize=quantize)
     load_peak = rss_bytes()["peak"]
     add_ours(model, s)
     params = set_trainable_params(model, "bench")
@@ -69,7 +69,9 @@ def ours(s: Setting, quantize: str | None = None) -> dict:
         release_free_heap()
         return loss
 
-    return _train(s, model, forward, params, load_peak)
+    res = _train(s, model, forward, params, load_peak)
+    res["dtype"] = str(model.model.embed_tokens.weight.dtype).replace("torch.", "")
+    return res
 
 
 def peft(s: Setting, quantize: str | None = None) -> dict:
@@ -84,7 +86,7 @@ def peft(s: Setting, quantize: str | None = None) -> dict:
 
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
+            bnb_4bit_compute_dtype=torch.bfloat16 if s.autocast else torch.float32)
         kw["device_map"] = "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(model_folder(s)), dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(model_folder(s)))  # as load_model does for ours
@@ -94,7 +96,13 @@ def peft(s: Setting, quantize: str | None = None) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    res = _train(s, model, lambda ids: model(input_ids=ids, labels=ids).loss, params, load_peak)
+
+    def forward(ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.autocast):
+            return model(input_ids=ids, labels=ids).loss
+
+    res = _train(s, model, forward, params, load_peak)
+    res["dtype"] = "float32 + bf16 autocast" if s.autocast else "float32"
     del tokenizer  # held to the end, like a training script's
     return res
 

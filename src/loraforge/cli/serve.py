@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 from ..errors import LoraForgeError
@@ -23,6 +24,10 @@ def register(p):
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-model-len", type=int, default=2048,
                    help="context length per sequence, prompt + completion (capped by the model's)")
+    p.add_argument("--dequant-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="with a quantized base (--quantize nf4, or a pre-quantized folder): keep a dequantized copy "
+                   "of each weight for decoding, instead of dequantizing every weight on every step (faster; "
+                   "costs the memory of the base in the compute dtype) (default: on)")
     add_model_args(p)
 
 
@@ -44,6 +49,13 @@ def run(args) -> int:
         raise LoraForgeError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     adapters = parse_named_adapters(args.adapter)
     model, tok = load_from_args(args)
+    if args.dequant_cache:
+        from ..quant import cache_dense_weights
+
+        cached = cache_dense_weights(model, model.model.embed_tokens.weight.dtype)
+        if cached:
+            log.info("quantized base: %.1f MB of dequantized weights cached for decoding (--no-dequant-cache "
+                     "keeps only the quantized codes)", cached / 1e6)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_model_len)
     for name, path in adapters:
         try:

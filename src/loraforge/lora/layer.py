@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..model.linear import Linear
-from ..ops import frozen_linear, lora_linear
+from ..ops import dropout_mask, dropout_ref, frozen_linear, lora_linear
 from .registry import AdapterRegistry
 
 
@@ -97,10 +96,9 @@ class LoraLinear(nn.Module):
         if torch.is_grad_enabled() and self._fusable(name):
             base, A, B, s = self.base, self.lora_A[name], self.lora_B[name], self.scaling[name]
             p = self.dropout[name]
-            xd = F.dropout(x, p) if (p > 0 and self.training) else x  # dropout(x) feeds only the A product
-            if _quantized(base):
-                return lora_linear(x, xd, None, base.bias, A, B, s, base.dequantize)
-            return lora_linear(x, xd, base.weight, base.bias, A, B, s)
+            keep = dropout_mask(x, p) if (p > 0 and self.training) else None  # dropout feeds only the A product
+            W = None if _quantized(base) else base.weight
+            return lora_linear(x, W, base.bias, A, B, s, keep, p, base.dequantize if W is None else None)
         return _add_delta(self.base(x), self._one(x, name))
 
     def _fusable(self, name: str) -> bool:
@@ -117,7 +115,7 @@ class LoraLinear(nn.Module):
     def _one(self, x: Tensor, name: str) -> Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         p = self.dropout[name]
-        h = F.dropout(x, p) if (p > 0 and self.training) else x  # no dropout work at p = 0 or in eval
+        h = dropout_ref(x, dropout_mask(x, p), p) if (p > 0 and self.training) else x  # none at p = 0 or in eval
         # scale [T, r], not [T, out]; the products only feed the next op (see frozen_linear)
         return frozen_linear(frozen_linear(h.to(A.dtype), A, contiguous=False) * self.scaling[name], B, contiguous=False)
 

@@ -20,7 +20,13 @@ from loraforge.quant.functional import (
     quantize,
     quantized_nbytes,
 )
-from loraforge.quant.linear import QuantLinear, QuantMatmul, linear_names, quantize_linears
+from loraforge.quant.linear import (
+    QuantLinear,
+    QuantMatmul,
+    cache_dense_weights,
+    linear_names,
+    quantize_linears,
+)
 from loraforge.quant.serialize import state_from_tensors, state_names, state_to_tensors
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "QuantSpec",
     "QuantState",
     "bits_per_parameter",
+    "cache_dense_weights",
     "dequantize",
     "linear_names",
     "quantize",

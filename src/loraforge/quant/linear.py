@@ -77,6 +77,7 @@ class QuantLinear(nn.Module):
         check_config(quant_type, blocksize, where="QuantLinear")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
+        self.dense: torch.Tensor | None = None  # a dequantized copy for inference (cache_dense), not state
         # A zero weight of the right shapes, so that a model can be built (e.g. on the meta device)
         # and then filled by load_state_dict; from_linear / from_state_tensors replace it.
         shape = (out_features, in_features)
@@ -173,12 +174,22 @@ class QuantLinear(nn.Module):
         dtype = compute_dtype(x) if torch.is_autocast_enabled(x.device.type) else (self.compute_dtype or x.dtype)
         if torch.is_grad_enabled():
             out = QuantMatmul.apply(x.to(dtype), self.quant_state)
+        elif self.dense is not None and self.dense.dtype == dtype:  # a server's cached weight: no dequantization
+            out = frozen_linear(x.to(dtype), self.dense)
         else:  # inference: no autograd node, and the few-token GEMM form
             out = frozen_linear(x.to(dtype), dequantize(self.quant_state, dtype))
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         # under autocast the product keeps autocast's dtype, as nn.Linear's does
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+    def cache_dense(self, dtype: torch.dtype | None) -> int:
+        """Keep a dequantized copy in `dtype` for inference (None drops it); returns its bytes.
+
+        Decoding multiplies each weight by a few tokens only, so dequantizing the whole weight every step
+        costs more than the product itself; a server trades the memory of a dense copy for that."""
+        self.dense = None if dtype is None else self.dequantize(dtype)
+        return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
 
     # -- serialization --------------------------------------------------------------------------
 
@@ -226,6 +237,7 @@ class QuantLinear(nn.Module):
         # Module.to(dtype) / .half() would cast the float32 scales and tables, which must keep their
         # exact values; so the quantized buffers only follow the device change, and the bias follows
         # both. The target device is read off `fn` applied to an empty tensor.
+        self.dense = None  # a cached copy would not follow; cache_dense again after moving
         quantized = {b: self._buffers.pop(b) for b in _BUFFERS}
         try:
             super()._apply(fn, recurse)
@@ -307,3 +319,8 @@ def quantize_linears(
         )
         del linear
     return len(names)
+
+
+def cache_dense_weights(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """cache_dense(dtype) on every QuantLinear under `model`; returns the bytes the copies hold."""
+    return sum(m.cache_dense(dtype) for m in model.modules() if isinstance(m, QuantLinear))
