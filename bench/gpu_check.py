@@ -94,12 +94,12 @@ def main() -> int:
         results[name]["seconds"] = round(time.perf_counter() - t0, 2)
         print(name, json.dumps(results[name], default=str)[:600], flush=True)
 
-    def adamw_step(loss_fn, params, lr):
+    def adamw_step(loss_fn, params, lr, autocast=True):
         """A function running one AdamW step on loss_fn() (bf16 autocast on CUDA) and returning the loss."""
         opt = torch.optim.AdamW(params, lr=lr)
 
         def step():
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast and dev == "cuda"):
                 loss = loss_fn()
             loss.backward()
             opt.step()
@@ -118,12 +118,14 @@ def main() -> int:
         return {"dtype": str(next(model.parameters()).dtype), "rel_err": rel, "top1_agree": top1,
                 "ok": rel < 2e-2 and top1 > 0.95}
 
-    def lora_step():
-        model, _ = lf.load_model(str(folder), device=dev, dtype="float32")
-        lf.add_lora(model, "a", lf.LoraConfig(r=16, alpha=32, dropout=0.0))
+    def lora_step(dtype="float32", dropout=0.0):
+        """Ours in `dtype` (fp32 under bf16 autocast, or --dtype auto = bf16 weights with fp32 masters) against
+        PEFT under bf16 autocast, at `dropout` (first-step losses agree whatever the dropout: B = 0)."""
+        model, _ = lf.load_model(str(folder), device=dev, dtype=dtype)
+        lf.add_lora(model, "a", lf.LoraConfig(r=16, alpha=32, dropout=dropout))
         params = lf.set_trainable_params(model, "a")
         model.train()
-        step = adamw_step(lambda: model(ids, labels=ids), params, 1e-4)
+        step = adamw_step(lambda: model(ids, labels=ids), params, 1e-4, autocast=dtype == "float32")
         init = {k: v.detach().clone() for k, v in get_adapter_params(model, "a").items()}
         first = step().item()
         torch.cuda.reset_peak_memory_stats()
@@ -131,7 +133,7 @@ def main() -> int:
         ours_mem = torch.cuda.max_memory_allocated()
         model.cpu()  # free the GPU for PEFT's run
         hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(dev)
-        pm = get_peft_model(hf, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        pm = get_peft_model(hf, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
         with torch.no_grad():  # same initial adapter as ours
             for name, p in pm.named_parameters():
                 if "lora_" in name:
@@ -221,7 +223,8 @@ def main() -> int:
         return {"cached_equals_uncached": cached == seq[len(prompt):], "differs_from_base": cached != base,
                 "ok": cached == seq[len(prompt):] and cached != base}
 
-    for name, fn in [("forward_parity", forward_parity), ("lora_step_vs_peft", lora_step), ("qlora", qlora),
+    for name, fn in [("forward_parity", forward_parity), ("lora_step_vs_peft", lora_step),
+                     ("lora_step_auto_dropout_vs_peft", lambda: lora_step("auto", 0.05)), ("qlora", qlora),
                      ("mixed_generation", mixed_generation), ("train_end_to_end", train_end_to_end),
                      ("prefix_generation", prefix_generation)]:
         check(name, fn)

@@ -46,7 +46,7 @@ def test_chat_switches_adapters_through_a_pipe(tmp_path, tiny, tiny_folder):
     script = "Hello!\n/adapter butler\n/reset\nHello!\nAgain?\n/base\n/reset\nHello!\n/adapter nobody\n/help\n" \
              "/reset\n/adapter pirate\nHello!\n/quit\nnever read\n"
     proc = subprocess.run(
-        [sys.executable, "-m", "loraforge", "chat", "--model", str(tiny_folder), "--device", "cpu",
+        [sys.executable, "-m", "loraforge", "chat", "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
          "--adapter", f"pirate={tmp_path / 'pirate'}", "--adapter", f"butler={tmp_path / 'butler'}",
          "--max-new-tokens", "6"],
         input=script, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300,

@@ -48,7 +48,7 @@ def test_eval_json_has_keys_in_range_and_loss_matches_transformers(tmp_path, tin
     data = write_chat(tmp_path / "d.jsonl", [(f"Name a number above {i}.", f"{i + 1}") for i in range(6)]
                       + [("Say hi.", "Hi there, how are you today?")])
     out = tmp_path / "scores.json"
-    rc = main(["eval", str(data), "--adapter", str(adapter_dir), "--model", str(tiny_folder), "--device", "cpu",
+    rc = main(["eval", str(data), "--adapter", str(adapter_dir), "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
                "--json", str(out), "--max-new-tokens", "4", "--batch-size", "3", "--limit", "6"])
     assert rc == 0
     table = capsys.readouterr().out
@@ -91,7 +91,7 @@ def test_exact_match_is_one_when_references_are_the_models_own_answers(tmp_path,
     assert len(set(answers)) > 1
     data = write_chat(tmp_path / "own.jsonl", list(zip(questions, answers, strict=True)))
     out = tmp_path / "s.json"
-    rc = main(["eval", str(data), "--adapter", str(adapter_dir), "--model", str(tiny_folder), "--device", "cpu",
+    rc = main(["eval", str(data), "--adapter", str(adapter_dir), "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
                "--json", str(out), "--max-new-tokens", "5", "--batch-size", "4"])
     assert rc == 0
     scores = json.loads(out.read_text())

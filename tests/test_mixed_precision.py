@@ -90,3 +90,47 @@ def test_training_steps_under_cpu_autocast_track_fp32(tiny_folder, method, ckpt)
     ref, got = losses(False), losses(True)
     for a, b in zip(ref, got, strict=True):
         assert abs(a - b) <= 0.03 * abs(a), (ref, got)
+
+
+def test_dtype_auto_follows_the_cpu_verdict_and_the_load_line_says_why(tiny_folder, tmp_path, monkeypatch):
+    """`--dtype auto` on CPU is bf16 exactly when a timed product shows bf16 fast here; the verdict is cached
+    per CPU in $LORAFORGE_HOME, and the CLI's load line names the dtype and the reason."""
+    import os
+    import subprocess
+    import sys
+
+    from loraforge.model.precision import FAST_RATIO, cpu_bf16_verdict, resolve_precision
+
+    monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path))
+    verdict = cpu_bf16_verdict()
+    assert json.loads((tmp_path / "cpu_bf16.json").read_text())  # cached
+    assert verdict["fast"] == (verdict["ratio"] is not None and verdict["ratio"] >= FAST_RATIO)
+    prec = resolve_precision("cpu", "auto")
+    assert prec.dtype == (torch.bfloat16 if verdict["fast"] else torch.float32) and prec.why.startswith("auto")
+    assert resolve_precision("cpu", None).dtype == torch.float32  # the library default stays fp32
+    r = subprocess.run([sys.executable, "-m", "loraforge", "generate", "--model", str(tiny_folder), "--raw",
+                        "--prompt", "hi", "--max-new-tokens", "2"], capture_output=True, text=True,
+                       env=dict(os.environ, LORAFORGE_HOME=str(tmp_path)), timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = "bfloat16" if verdict["fast"] else "float32"
+    line = next(ln for ln in r.stderr.splitlines() if "loaded" in ln)
+    assert f"{want} on cpu" in line and "auto:" in line, line
+
+
+def test_save_dtype_bf16_halves_the_adapter_and_loads_back(tmp_path, data, tiny_folder):
+    from loraforge import load_model
+    from loraforge.adapters import attach_adapter
+
+    cfg = TrainConfig(data=str(data), model=str(tiny_folder), out=str(tmp_path / "r"), device="cpu", dtype="float32",
+                      rank=4, alpha=8, batch_size=4, max_steps=2, eval_every=0, save_every=0, save_dtype="bfloat16")
+    res = train(cfg)
+    tensors = load_file(str(tmp_path / "r" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    model, _ = load_model(str(tiny_folder), device="cpu", dtype="float32")
+    attach_adapter(model, tmp_path / "r", "x")  # a loaded adapter takes the model's compute dtype
+    ours = dict(res.model.named_parameters())
+    loaded = {n[: -len(".x")]: p for n, p in model.named_parameters() if n.endswith(".x")}
+    assert loaded and len(loaded) == len(tensors)
+    for name, p in loaded.items():
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, ours[name + ".default"].detach().to(torch.bfloat16).float())

@@ -72,7 +72,7 @@ def test_prefix_training_learns_and_writes_a_folder_peft_loads(tmp_path, data, t
 def test_eval_scores_a_prefix_adapter(tmp_path, data, tiny_folder, capsys):
     train(tiny_cfg(data, tiny_folder, tmp_path / "run", max_steps=4))
     argv = ["eval", str(data), "--adapter", str(tmp_path / "run"), "--model", str(tiny_folder), "--limit", "4",
-            "--max-new-tokens", "4", "--json", str(tmp_path / "scores.json")]
+            "--max-new-tokens", "4", "--dtype", "float32", "--json", str(tmp_path / "scores.json")]
     assert main(argv) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     model, tok = load_model(str(tiny_folder), device="cpu", dtype="float32")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 
 
 def rss_bytes() -> dict[str, int]:
@@ -39,3 +40,27 @@ def loadavg() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: MemAvailable, or less where a cgroup limit is lower.
+    None where neither /proc/meminfo nor a cgroup says."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+            room = int(limit) - usage
+            avail = room if avail is None else min(avail, room)
+    return avail

@@ -37,6 +37,8 @@ def register(p):
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default=S,
                    help="compute dtype of the frozen base; auto = bfloat16 on CUDA and on CPUs with fast bf16 "
                    "(AMX), else float32. Trained weights and optimizer state stay float32" + dflt(d.dtype))
+    g.add_argument("--save-dtype", choices=("float32", "bfloat16"), default=S, dest="save_dtype",
+                   help="dtype of the saved LoRA tensors (float32 is what PEFT writes)" + dflt(d.save_dtype))
     g.add_argument("--method", choices=METHODS, default=S,
                    help="lora; qlora = NF4 base (double quantization) + LoRA; prefix = prefix tuning" + dflt(d.method))
     g.add_argument("--rank", type=int, default=S, help="LoRA rank r" + dflt(d.rank))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import procstat
 from ..errors import LoraForgeError
 
 log = logging.getLogger("loraforge")
@@ -34,25 +35,8 @@ def activation_bytes(dims: dict[str, int], batch: int, seq: int) -> int:
 
 
 def available_memory() -> int:
-    """Bytes this process could still allocate: MemAvailable, or less where a cgroup limit is lower."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
-            room = int(limit) - usage
-            avail = room if avail is None else min(avail, room)
+    """Bytes this process could still allocate (MemAvailable, or less where a cgroup limit is lower)."""
+    avail = procstat.available_memory()
     if avail is None:
         raise LoraForgeError("full fine-tuning: cannot read the available memory from /proc/meminfo; "
                              "pass --no-full to leave that row out")

@@ -24,23 +24,27 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise LoraForgeError(f"rank r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise LoraForgeError(f"alpha must be positive, got {self.alpha!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise LoraForgeError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        # Every field is checked here, so a config from Python, YAML or adapter_config.json that is
+        # built at all is safe to apply: no layer is wrapped before all of it is known to be valid.
+        self.r = positive_int("rank r", self.r)
+        self.alpha = positive_finite("alpha", self.alpha)
+        if not finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise LoraForgeError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise LoraForgeError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise LoraForgeError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
-            try:
-                re.compile(self.targets)
-            except re.error as e:
-                raise LoraForgeError(f"targets: {self.targets!r} is not a valid regex ({e})") from None
+            check_regex("targets", self.targets)
         elif isinstance(self.targets, (list, tuple)):
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
                 raise LoraForgeError(f"targets must be a non-empty list of module names, got {self.targets!r}")
             self.targets = list(self.targets)
+        elif not isinstance(self.targets, str):
+            raise LoraForgeError(f"targets must be a list of module names, a regex or 'all-linear', "
+                                 f"got {self.targets!r}")
+        self.rank_pattern = _pattern("rank_pattern", self.rank_pattern, positive_int)
+        self.alpha_pattern = _pattern("alpha_pattern", self.alpha_pattern, positive_finite)
 
     def rank_alpha(self, module_path: str) -> tuple[int, float]:
         r, alpha = self.r, float(self.alpha)
@@ -64,3 +68,45 @@ class LoraConfig:
         if isinstance(self.targets, str):
             return re.fullmatch(self.targets, module_path) is not None
         return any(module_path == t or module_path.endswith("." + t) for t in self.targets)
+
+
+def finite_number(v) -> bool:
+    """A real int or float (not a bool, not a string) that is neither infinite nor NaN."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(field: str, v) -> int:
+    # JSON has one number type: 8.0 is accepted as 8; 1e999 (inf), 0.5 and "8" are not
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise LoraForgeError(f"{field} must be a positive integer, got {v!r}")
+    return v
+
+
+def positive_finite(field: str, v) -> float:
+    if not finite_number(v) or v <= 0:
+        raise LoraForgeError(f"{field} must be a positive finite number, got {v!r}")
+    return v
+
+
+def check_regex(field: str, pattern) -> None:
+    if not isinstance(pattern, str):
+        raise LoraForgeError(f"{field}: {pattern!r} is not a regex string")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise LoraForgeError(f"{field}: {pattern!r} is not a valid regex ({e})") from None
+
+
+def _pattern(field: str, patterns, value) -> dict:
+    """{regex: value} with every regex compiled and every value checked (`value(field, v)` converts)."""
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, dict):
+        raise LoraForgeError(f"{field} must be a mapping of module-path regex to value, got {patterns!r}")
+    out = {}
+    for pat, v in patterns.items():
+        check_regex(field, pat)
+        out[pat] = value(f"{field}[{pat!r}]", v)
+    return out

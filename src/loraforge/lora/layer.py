@@ -24,6 +24,18 @@ def _quantized(base: nn.Module) -> bool:
     return hasattr(base, "quant_type") and callable(getattr(base, "dequantize", None))
 
 
+def lora_weight_like(base: nn.Module) -> Tensor:
+    """A tensor with the dtype/device LoRA weights on `base` should have: its float weight, or for a
+    quantized base (packed integer codes) an empty tensor in the dtype it computes in."""
+    w = getattr(base, "weight", None)
+    if w is not None and w.is_floating_point():
+        return w
+    # QuantLinear: compute_dtype is the load dtype (fp32 on CPU); weight_dtype is what it was quantized from
+    dt = getattr(base, "compute_dtype", None) or getattr(base, "weight_dtype", None) or torch.float32
+    dev = w.device if w is not None else next((b.device for b in base.buffers()), torch.device("cpu"))
+    return torch.empty(0, dtype=dt, device=dev)
+
+
 class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, registry: AdapterRegistry):
         super().__init__()
@@ -71,15 +83,7 @@ class LoraLinear(nn.Module):
         self._group_cache = None
 
     def base_weight_like(self) -> Tensor:
-        """A tensor with the dtype/device LoRA weights should have: the base's float weight, or for a
-        quantized base (packed integer codes) an empty tensor in the dtype it computes in."""
-        w = getattr(self.base, "weight", None)
-        if w is not None and w.is_floating_point():
-            return w
-        # QuantLinear: compute_dtype is the load dtype (fp32 on CPU); weight_dtype is what it was quantized from
-        dt = getattr(self.base, "compute_dtype", None) or getattr(self.base, "weight_dtype", None) or torch.float32
-        dev = w.device if w is not None else next((b.device for b in self.base.buffers()), torch.device("cpu"))
-        return torch.empty(0, dtype=dt, device=dev)
+        return lora_weight_like(self.base)
 
     def delta_weight(self, name: str) -> Tensor:
         """s * B @ A, [out, in]: only for merging, never in the forward."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -68,25 +69,52 @@ def add_lora(model: nn.Module, name: str = "default", config: LoraConfig | None 
              activate: bool = True) -> list[str]:
     """Add adapter `name` on every projection that `config.targets` selects; returns the module paths."""
     config = config or LoraConfig()
-    reg = registry(model)
-    reg.check_new_name(name)
+    registry(model).check_new_name(name)
     paths = [p for p in linear_paths(model) if config.matches(p)]
     if not paths:
         kinds = sorted({p.rsplit(".", 1)[-1] for p in linear_paths(model)})
         raise LoraForgeError(f"targets {config.targets!r} match no linear layer; this model has: {', '.join(kinds)}")
+    plan = {}
     for path in paths:
+        r, alpha = config.rank_alpha(path)
+        plan[path] = (r, layer_scaling(model, path, config, r, alpha))
+    attach_lora(model, name, config, plan, activate)
+    return paths
+
+
+def layer_scaling(model: nn.Module, path: str, config: LoraConfig, r: int, alpha: float) -> float:
+    """The scaling of a rank-`r` adapter on layer `path`, after checking that r fits the layer.
+
+    A rank above min(in, out) adds nothing a full-rank update could not (B @ A has rank <= min(in, out)),
+    and an absurd one (r = 10**12) would try to allocate petabytes: both are refused.
+    """
+    layer = model.get_submodule(path)
+    limit = min(layer.in_features, layer.out_features)
+    if not 1 <= r <= limit:
+        raise LoraForgeError(f"rank {r} for {path} is outside 1..{limit} (the layer is "
+                             f"{layer.in_features} -> {layer.out_features}, so min(in, out) = {limit})")
+    s = config.scaling(r, alpha)
+    if not math.isfinite(s):
+        raise LoraForgeError(f"the scaling of {path} (alpha {alpha} / rank {r}) is not finite")
+    return s
+
+
+def attach_lora(model: nn.Module, name: str, config: LoraConfig, plan: dict[str, tuple[int, float]],
+                activate: bool = True) -> None:
+    """Wrap and add adapter `name` with {module path: (rank, scaling)}, all validated by the caller."""
+    reg = registry(model)
+    reg.check_new_name(name)
+    for path, (r, s) in plan.items():
         layer = model.get_submodule(path)
         if not isinstance(layer, LoraLinear):
             parent_path, _, attr = path.rpartition(".")
             layer = LoraLinear(layer, reg).train(layer.training)  # a new module must not flip eval to train
             setattr(model.get_submodule(parent_path), attr, layer)
-        r, alpha = config.rank_alpha(path)
-        layer.add(name, r, config.scaling(r, alpha), config.dropout, config.init)
+        layer.add(name, r, s, config.dropout, config.init)
     reg.names.append(name)
     reg.configs[name] = config
     if activate:
         reg.active = name
-    return paths
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:

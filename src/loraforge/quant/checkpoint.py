@@ -137,7 +137,10 @@ def spec_from_config(hf_config: dict, where: str) -> QuantSpec | None:
     method = qc.get("quant_method")
     try:
         if method == "loraforge":
-            return QuantSpec(qc.get("quant_type"), int(qc.get("blocksize", 64)), bool(qc.get("double_quant")))
+            blocksize = qc.get("blocksize", 64)
+            if isinstance(blocksize, bool) or not isinstance(blocksize, int):  # int(1e999) would overflow
+                raise LoraForgeError(f"blocksize must be an integer, got {blocksize!r}")
+            return QuantSpec(qc.get("quant_type"), blocksize, bool(qc.get("double_quant")))
         if method == "bitsandbytes":
             if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
                 raise LoraForgeError(

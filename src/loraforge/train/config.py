@@ -40,6 +40,7 @@ class TrainConfig:
     # compute dtype of the frozen base: auto = bf16 on CUDA and on CPUs that multiply bf16 fast, else fp32.
     # The trained weights and AdamW's state stay fp32 whatever this is (mixed precision).
     dtype: str = "auto"
+    save_dtype: str = "float32"  # the adapter file's tensors: float32 (as PEFT writes them) or bfloat16
     method: str = "lora"  # lora, qlora (NF4 base + LoRA) or prefix
     # LoRA
     rank: int = 16
@@ -91,6 +92,8 @@ class TrainConfig:
             bad("method", f"choose one of {', '.join(METHODS)}")
         if self.dtype not in DTYPE_CHOICES:
             bad("dtype", f"choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.save_dtype not in ("float32", "bfloat16"):
+            bad("save_dtype", "choose float32 or bfloat16")
         if self.format is not None and self.format not in DATA_FORMATS:
             bad("format", f"choose one of {', '.join(DATA_FORMATS)}")
         for name in ("rank", "num_virtual_tokens", "batch_size", "grad_accum", "keep_checkpoints"):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import LoraForgeError
@@ -66,5 +67,5 @@ def _prepare_lora(model: nn.Module, cfg) -> Trainable:
     return Trainable(
         method=cfg.method,
         params=get_adapter_params(model, ADAPTER),
-        save=lambda out: save_adapter(model, ADAPTER, out),
+        save=lambda out: save_adapter(model, ADAPTER, out, dtype=getattr(torch, cfg.save_dtype)),
     )
