@@ -208,15 +208,20 @@ def _normalised(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """config.json with transformers' defaults filled in and its legacy keys (rope_theta / rope_scaling at the
     top, Gemma 3's rope_local_base_freq) moved to where transformers 5 keeps them."""
     import logging
+    import math
 
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    for key, value in cfg.items():  # JSON allows Infinity / NaN; no field of ours does
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OverflowError(f"{key} = {value}")
     keep = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version", "auto_map")}
     level = logging.getLogger("transformers").level
     logging.getLogger("transformers").setLevel(logging.ERROR)  # its warnings about token ids and such
     try:
         return AutoConfig.for_model(model_type, **keep).to_dict()
-    except (TypeError, ValueError, KeyError, AttributeError) as e:  # strict dataclass validation
+    except (TypeError, ValueError, KeyError, AttributeError, StrictDataclassError) as e:  # strict validation
         raise ValueError(str(e).splitlines()[0]) from None
     finally:
         logging.getLogger("transformers").setLevel(level)
