@@ -210,8 +210,12 @@ def _normalised(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
     import logging
     import math
 
-    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
+
+    try:  # transformers 5 validates its configs as strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        StrictDataclassError = ValueError  # noqa: N806
 
     for key, value in cfg.items():  # JSON allows Infinity / NaN; no field of ours does
         if isinstance(value, float) and not math.isfinite(value):
@@ -270,7 +274,8 @@ def _rope(c: dict[str, Any], source: str) -> tuple[RopeConfig, RopeConfig | None
         full = _rope_one(p.get("full_attention") or {}, source, "full_attention")
         local = p.get("sliding_attention")
         return full, None if local is None else _rope_one(local, source, "sliding_attention")
-    return _rope_one(p, source, "rope_parameters"), None
+    local = c.get("rope_local_base_freq")  # Gemma 3 as transformers 4 describes it
+    return _rope_one(p, source, "rope_parameters"), None if local is None else RopeConfig(float(local))
 
 
 def _windows(c: dict[str, Any], n_layers: int) -> list[int | None]:
