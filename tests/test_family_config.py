@@ -29,6 +29,8 @@ def test_family_fields():
     g3 = ModelConfig.from_hf(hf_dict("gemma3_text"))
     assert g3.qk_norm == "head" and g3.rope_local.theta == 100.0 and g3.rope_scaling["rope_type"] == "linear"
     assert ModelConfig.from_hf(hf_dict("olmo2")).qk_norm == "proj"
+    # Gemma's released configs say "gelu", which transformers reads as the tanh approximation
+    assert ModelConfig.from_hf({**hf_dict("gemma"), "hidden_act": "gelu"}).mlp_kind == "geglu_tanh"
     assert ModelConfig.from_hf(hf_dict("mistral")).layer_windows == [6, 6]
     assert ModelConfig.from_hf(hf_dict("qwen2")).layer_windows == [None, 6]  # max_window_layers=1
     phi3 = ModelConfig.from_hf(hf_dict("phi3"))
