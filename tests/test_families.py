@@ -293,3 +293,14 @@ def test_merged_export_loads_in_transformers(family, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
         assert_logits_close(merged(x).logits, ours)
+
+
+def test_left_padded_batch_generation_equals_each_prompt_alone(family):
+    """Left padding shifts a row's slots, not its window: each row generates what it does alone."""
+    name, folder, _ = family
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    n = 2 * WINDOW
+    sp = SamplingParams(max_new_tokens=n, min_tokens=n)
+    prompts = [ids(1, L, seed=20 + L)[0].tolist() for L in (2, 9, 5)]
+    alone = [generate_ids(model, [p], sp, eos_ids={2})[0] for p in prompts]
+    assert generate_ids(model, prompts, sp, eos_ids={2}) == alone
