@@ -26,6 +26,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture()
+def isolated_rng():
+    """Put torch's, Python's and NumPy's global generators back as they were after the test, so that what
+    it draws (an adapter's init, a shuffle) does not change the draws of the tests that follow."""
+    import random
+
+    import numpy as np
+
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    yield
+    torch.set_rng_state(states[0])
+    random.setstate(states[1])
+    np.random.set_state(states[2])
+
+
 def randomize_adapter(model, name: str, seed: int = 0, std: float = 0.1) -> torch.Generator:
     """Seeded random values in every tensor of LoRA adapter `name` (a fresh adapter's zero B changes nothing).
     Returns the generator, for drawing test data after the weights."""

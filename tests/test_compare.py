@@ -142,3 +142,24 @@ def test_refuses_a_used_out_folder_and_bad_data(tmp_path, tiny_folder, capsys):
     assert main(["compare", str(bad), "--model", str(tiny_folder), "--out", str(tmp_path / "b")]) == 2
     assert "bad.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "b" / "logs").exists()
+
+
+@pytest.mark.usefixtures("isolated_rng")  # prepare() draws the adapters' init from torch's generator
+def test_learning_rates_and_trainable_share_are_the_ones_train_uses(compared, results, tiny_folder):
+    import re
+
+    from loraforge.compare import DEFAULT_LR
+    from loraforge.lora import trainable_report
+    from loraforge.model import load_model
+    from loraforge.train import TrainConfig, prepare
+
+    out, _, _ = compared
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    for method, label in (("lora", "LoRA"), ("prefix", "prefix tuning")):
+        cfg = TrainConfig(data="d.jsonl", method=method, rank=RANK, num_virtual_tokens=VIRTUAL_TOKENS)
+        assert DEFAULT_LR[method] == results["settings"]["lr"][method] == cfg.lr
+        model, _ = load_model(str(tiny_folder), device="cpu", dtype="float32")
+        prepare(model, cfg)
+        percent = re.search(r"\((\d+\.\d+%)\)", trainable_report(model)).group(1)
+        (row,) = [line for line in table if line.startswith(f"| {label} ")]
+        assert f"({percent})" in row, (row, trainable_report(model))

@@ -201,11 +201,11 @@ def test_bad_adapters_are_refused_and_leave_the_engine_intact(engine, tmp_path, 
         engine.load_adapter("a1", engine.dirs["a2"])
     with pytest.raises(ServeError, match="lora_name"):
         engine.load_adapter("x.y", engine.dirs["a2"])
-    prefix = tmp_path / "prefix"
-    prefix.mkdir()
-    (prefix / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
-    with pytest.raises(ServeError, match="LoRA adapters only"):
-        engine.load_adapter("pre", prefix)
+    other = tmp_path / "other-kind"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(ServeError, match="LoRA and prefix-tuning adapters"):
+        engine.load_adapter("ia3", other)
     with pytest.raises(LoraForgeError, match="another model"):
         engine.load_adapter("other", make_tiny_folder_other)
     with pytest.raises(LoraForgeError, match="no such adapter folder"):

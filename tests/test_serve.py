@@ -348,7 +348,8 @@ def test_cli_serve_in_a_subprocess(tiny_folder, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraforge", "serve", "--model", str(tiny_folder), "--adapter", f"pirate={pirate}",
-         "--port", str(port), "--api-key", KEY, "--max-batch", "2", "--max-model-len", "64"],
+         "--port", str(port), "--api-key", KEY, "--max-batch", "2", "--max-model-len", "64",
+         "--max-body-bytes", "2048"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -364,6 +365,9 @@ def test_cli_serve_in_a_subprocess(tiny_folder, tmp_path):
         assert {m.id for m in client.models.list().data} == {Path(tiny_folder).name, "pirate"}
         r = client.completions.create(model="pirate", prompt="hi", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4
+        big = httpx.post(url + "/v1/completions", json={"model": "pirate", "prompt": "x" * 3000},
+                         headers={"Authorization": f"Bearer {KEY}"})
+        assert big.status_code == 413 and "2048 bytes" in big.json()["error"]["message"]
         with pytest.raises(openai.PermissionDeniedError):  # no --adapters-dir: hot-loading is off
             client.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "y"}, cast_to=object)
     finally:

@@ -81,7 +81,7 @@ def test_validation_happens_at_construction():
 
 
 def test_flag_values_are_validated_too():
-    with pytest.raises(LoraForgeError, match="batch_size 0"):
+    with pytest.raises(LoraForgeError, match="^--batch-size 0: must be at least 1$"):  # named as typed
         config_from_args(parse("a.jsonl", "--batch-size", "0"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,8 @@ from torch import Tensor
 from .errors import LoraForgeError
 from .model.cache import KVCache
 from .prefix.module import active_prefix
+
+log = logging.getLogger("loraforge")
 
 
 @dataclass
@@ -44,6 +47,25 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> lis
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         prompt = "\n".join(m["content"] for m in msgs)
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool = False) -> list[int]:
+    """`ids` when they and `max_new_tokens` fit in `context` positions, as the server requires; with
+    `truncate`, the last tokens of the prompt that do (a warning says how many were cut). Past the context
+    the positions are ones the model never saw, and it answers with blank lines or garbage."""
+    if len(ids) + max_new_tokens <= context:
+        return ids
+    keep = context - max_new_tokens
+    if keep < 1:
+        raise LoraForgeError(f"max_new_tokens {max_new_tokens}: the model's context is {context} tokens, which "
+                             "must also hold the prompt; ask for fewer new tokens")
+    if truncate:
+        log.warning("the prompt is %d tokens: kept its last %d, so that they and %d new tokens fit the model's "
+                    "context of %d", len(ids), keep, max_new_tokens, context)
+        return ids[-keep:]
+    raise LoraForgeError(f"the prompt is {len(ids)} tokens and max_new_tokens is {max_new_tokens}, but the model's "
+                         f"context is {context} tokens; shorten the prompt, lower max_new_tokens, or truncate the "
+                         f"prompt to its last {keep} tokens (--truncate-prompt)")
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -138,10 +160,20 @@ def generate(
     chat: bool = True,
     adapter_ids: Tensor | None = None,
     prefix: list[tuple[Tensor, Tensor]] | None = None,
+    truncate_prompt: bool = False,
 ) -> list[str]:
-    """Completions for a batch of prompts (strings or chat message lists), special tokens stripped."""
+    """Completions for a batch of prompts (strings or chat message lists), special tokens stripped.
+
+    A prompt that leaves no room for max_new_tokens in the model's context (less a prefix adapter's
+    virtual tokens) is refused, or with `truncate_prompt` cut from the left (see fit_prompt).
+    """
     params = params or SamplingParams()
-    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    if prefix is None:
+        with torch.no_grad():
+            prefix = active_prefix(model, 1, adapter_ids)
+    context = model.config.max_position_embeddings - (prefix[0][0].shape[2] if prefix else 0)
+    encoded = [fit_prompt(encode_prompt(tokenizer, p, chat), context, params.max_new_tokens, truncate_prompt)
+               for p in prompts]
     eos = stop_token_ids(model, tokenizer)
     new = generate_ids(model, encoded, params, eos, adapter_ids=adapter_ids, prefix=prefix)
     return [decode_until_stop(tokenizer, ids, eos, params.stop)[0] for ids in new]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from ..errors import LoraForgeError
@@ -35,9 +36,9 @@ examples:
 """
 
 
-class _HelpFormatter(argparse.HelpFormatter):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends "(default: X)" to a flag's help unless the help already speaks of its default, or there is
-    none worth saying (None, False, or suppressed)."""
+    none worth saying (None, False, or suppressed). Epilogs keep their line breaks (lists, examples)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -88,6 +89,16 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt: `kill`, a job scheduler or
+    a container stop then unwinds the same way (atomic writes abandoned, the trainer naming its last
+    checkpoint) instead of dying without a word."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,14 +106,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     setup_logging(args.verbose, args.quiet)
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args._run(args) or 0)
     except LoraForgeError as e:
         print(f"loraforge: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("loraforge: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("loraforge: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:  # main() called in-process (tests, scripts) leaves the caller's handler
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

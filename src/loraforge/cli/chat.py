@@ -21,6 +21,7 @@ commands:
 
 
 def register(p):
+    p.epilog = "in the chat, lines starting with / are commands:\n" + HELP.split("\n", 1)[1]
     p.add_argument("--adapter", metavar="NAME=DIR", action="append", default=None,
                    help="load an adapter folder as NAME (repeatable); the first one starts active")
     p.add_argument("--system", default=None, help="a system prompt at the start of the conversation")
@@ -53,11 +54,16 @@ class Chat:
             return ""
         if text.startswith("/"):
             return self.command(text)
+        from ..errors import LoraForgeError
         from ..generate import generate
 
         self.history.append({"role": "user", "content": text})
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        reply = generate(self.model, self.tok, [msgs], self.params)[0].strip()
+        try:
+            reply = generate(self.model, self.tok, [msgs], self.params)[0].strip()
+        except LoraForgeError as e:  # a conversation grown past the context: say so, and keep chatting
+            self.history.pop()
+            return f"# {e}; /reset starts a new conversation"
         self.history.append({"role": "assistant", "content": reply})
         return f"{self.label}> {reply}"
 
@@ -101,11 +107,17 @@ def run(args) -> int:
     chat = Chat(model, tok, params, [n for n, _ in named], args.system)
     interactive = sys.stdin.isatty()
     if interactive:
+        import readline  # noqa: F401 -- importing it gives input() line editing and history (arrow keys)
+
         print(f"chatting with {chat.label}; /help for commands, /quit to leave", file=sys.stderr)
     while True:
         if interactive:
-            print(f"you ({chat.label})> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
+            try:
+                line = input(f"you ({chat.label})> ") + "\n"
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
         if not line:  # end of input
             break
         out = chat.handle(line)

@@ -2,7 +2,7 @@
 
 Loss and perplexity over the tokens training would score (assistant turns, completions), and exact
 match of the greedy completion of each record's prompt against its reference. A table on stdout;
-`--json FILE` for scripts.
+`--json FILE` for scripts; `--predictions FILE.jsonl` for what each record got.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ def register(p):
     p.add_argument("data", metavar="DATA", help="a data file in any format `loraforge train` reads")
     p.add_argument("--adapter", metavar="DIR", required=True, help="the adapter folder to score (PEFT format)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the scores as JSON")
+    p.add_argument("--predictions", metavar="FILE.jsonl", default=None,
+                   help="also write one JSON object per record: prompt, reference, the adapter's prediction and "
+                        "whether it matched exactly (exact), and the base model's (base_prediction, base_exact)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
     p.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="generation length for exact match (default: the longest reference + 8 tokens)")
@@ -67,7 +70,29 @@ def run(args) -> int:
             "data": str(args.data),
             "adapter_path": str(args.adapter),
         })
+    if args.predictions:
+        from ..paths import atomic_write_text
+
+        atomic_write_text(args.predictions, predictions_jsonl(records, base["predictions"], adapter["predictions"]))
     return 0
+
+
+def predictions_jsonl(records, base: list[str | None], adapter: list[str | None]) -> str:
+    """One line per record; prediction and exact are null for records with no reference (plain text)."""
+    import json
+
+    from ..data import prompt_and_reference
+
+    def exact(pred: str | None, ref: str | None) -> bool | None:
+        return None if pred is None or ref is None else pred.strip() == ref.strip()
+
+    lines = []
+    for rec, b, a in zip(records, base, adapter, strict=True):
+        prompt, ref = prompt_and_reference(rec)
+        lines.append(json.dumps({"where": rec.where, "prompt": prompt, "reference": ref, "prediction": a,
+                                 "exact": exact(a, ref), "base_prediction": b, "base_exact": exact(b, ref)},
+                                ensure_ascii=False) + "\n")
+    return "".join(lines)
 
 
 def _finite(v):

@@ -21,7 +21,10 @@ too. Every linear layer but lm_head is quantized; embeddings, norms and biases a
 def register(p):
     from ..quant.functional import BLOCKSIZES, QUANT_TYPES
 
-    p.add_argument("--out", metavar="DIR", required=True, help="where to write the quantized model folder")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="where to write the quantized model folder (a new or empty folder unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder at --out (never the model being quantized)")
     p.add_argument("--quantize", default="nf4", choices=list(QUANT_TYPES),
                    help="nf4 = QLoRA's NormalFloat4; fp4 = 4-bit float; int8 = blockwise absmax int8 (loraforge only)")
     p.add_argument("--blocksize", type=int, default=64, choices=list(BLOCKSIZES), help="values per absmax scale")
@@ -33,14 +36,17 @@ def register(p):
 
 def run(args) -> int:
     from ..model.loading import DTYPES, resolve_source, weight_files
+    from ..paths import check_output_dir
     from ..quant.checkpoint import QuantSpec
     from ..quant.export import write_quantized_model
 
     t0 = time.perf_counter()
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model] if args.model else [])
     spec = QuantSpec(args.quantize, args.blocksize, args.double_quant)
     dtype = DTYPES[args.dtype] if args.dtype not in (None, "auto") else None  # auto: keep the stored dtype
     before = sum(f.stat().st_size for f in weight_files(resolve_source(args.model).folder))
-    out = write_quantized_model(args.model, args.out, spec, device=args.device, dtype=dtype)
+    out = write_quantized_model(args.model, args.out, spec, device=args.device, dtype=dtype,
+                                overwrite=args.overwrite)
     after = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     log.info("wrote %s model to %s: weights %.1f MB -> %.1f MB (%.1fs); load it with --model %s",
              spec.quant_type, out, before / 1e6, after / 1e6, time.perf_counter() - t0, out)

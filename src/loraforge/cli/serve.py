@@ -17,8 +17,9 @@ def register(p):
                         "model=NAME")
     p.add_argument("--adapters-dir", metavar="DIR", default=None,
                    help="allow POST /v1/load_lora_adapter to load folders from inside DIR (off without it)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for every interface; pair it with --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on every /v1 endpoint")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
@@ -28,6 +29,8 @@ def register(p):
                    help="with a quantized base (--quantize nf4, or a pre-quantized folder): keep a dequantized copy "
                    "of each weight for decoding, instead of dequantizing every weight on every step (faster; "
                    "costs the memory of the base in the compute dtype) (default: on)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="refuse request bodies larger than this with 413 (default: 4 MiB)")
     add_model_args(p)
 
 
@@ -47,6 +50,8 @@ def run(args) -> int:
         raise LoraForgeError(f"--max-batch must be between 1 and 1024, got {args.max_batch}")
     if args.max_model_len < 2:
         raise LoraForgeError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1024:
+        raise LoraForgeError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     adapters = parse_named_adapters(args.adapter)
     model, tok = load_from_args(args)
     if args.dequant_cache:
@@ -63,7 +68,8 @@ def run(args) -> int:
         except LoraForgeError as e:
             raise LoraForgeError(f"--adapter {name}={path}: {e}") from None
         log.info("adapter %s loaded from %s", name, path)
-    app = create_app(engine, api_key=args.api_key, adapters_dir=args.adapters_dir)
+    limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
+    app = create_app(engine, api_key=args.api_key, adapters_dir=args.adapters_dir, **limit)
     log.info("serving %s with %d adapters on http://%s:%d (API docs at /docs)", engine.base_name,
              len(engine.adapters), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -22,7 +22,8 @@ def register(p):
         return f" (default: {v})"
 
     p.add_argument("data", nargs="?", default=S, metavar="DATA",
-                   help="training file: .jsonl, .json, .csv or .parquet (chat, alpaca, prompt/completion or text)")
+                   help="training file: .jsonl, .json, .csv or .parquet (chat, alpaca, prompt/completion or text), "
+                        "or .txt (plain text: one record per paragraph, packed)")
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="a YAML file of TrainConfig fields; flags given here override it")
     p.add_argument("--out", metavar="DIR", default=S, help="output folder (default: runs/<data file name>)")
@@ -77,7 +78,13 @@ def register(p):
     g.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=S,
                    help="also train on prompt/user tokens (default: assistant/completion tokens only)")
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=S,
-                   help="pack several records per row (block-diagonal attention, no cross-talk)")
+                   help="pack several records per row (block-diagonal attention, no cross-talk; default: on for "
+                        "a .txt file)")
+    g.add_argument("--txt-lines", action="store_true", default=S,
+                   help="a .txt file holds one record per line (default: per blank-line-separated paragraph)")
+    g.add_argument("--max-line-bytes", type=int, default=S, metavar="N",
+                   help="longest record (JSONL line, CSV row, paragraph) read; a longer one is a bad record"
+                   + dflt(d.max_line_bytes))
     g.add_argument("--skip-bad-lines", action=argparse.BooleanOptionalAction, default=S,
                    help="skip malformed records with one warning instead of stopping")
     g.add_argument("--val", metavar="FILE", default=S, help="validation file (instead of --val-split)")
@@ -110,7 +117,7 @@ def config_from_args(args: argparse.Namespace):
     given = {k: v for k, v in vars(args).items() if k in config_fields()}
     if args.config:
         return TrainConfig.from_yaml(args.config, given)
-    return TrainConfig.from_dict(given)
+    return TrainConfig.from_dict(given, flags=set(given))
 
 
 def run(args) -> int:

@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraForgeError
-from ..train.config import METHODS, TrainConfig
+from ..train.config import METHODS, TrainConfig, default_lr
 
 FULL = "full"  # the full fine-tuning reference row (not a TrainConfig method)
 BASE = "base"  # the untrained base model: the anchor every trained row is read against
 
-# Peak learning rates for a short run of each method on a ~100M-parameter model. Prefix tuning without
-# the MLP moves raw keys/values, which needs a step ~30x LoRA's to get anywhere in tens of steps; full
-# fine-tuning moves every weight, so it takes a step ~20x smaller than LoRA's.
-DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prefix": 3e-2, FULL: 5e-5}
+# Peak learning rates: `loraforge train`'s defaults for the adapter methods (one definition, so a compare
+# row is the run `train` would make), and for full fine-tuning, which moves every weight, a step ~4x
+# smaller than LoRA's.
+DEFAULT_LR = {**{m: default_lr(m) for m in METHODS}, FULL: 5e-5}
 
 LABELS = {BASE: "base model (no training)", "lora": "LoRA", "qlora": "QLoRA (NF4 base)", "prefix": "prefix tuning",
           FULL: "full fine-tuning"}

@@ -59,7 +59,7 @@ def _cells(name: str, r: dict[str, Any], s: dict[str, Any]) -> list[str]:
     if not _ok(r):
         why = r.get("skipped") or f"failed: {r.get('error')}"
         return head + [why.replace("|", "/")] + [DASH] * (len(COLUMNS) - 3)
-    trainable = f"{human(r['trainable'])} ({100 * r['trainable'] / r['model_params']:.2f}%)" if r["trainable"] else "0"
+    trainable = f"{human(r['trainable'])} ({r['trainable_percent']:.2f}%)" if r["trainable"] else "0"
     disk = DASH if name == BASE else _bytes(r["adapter_bytes"]) + ("" if r["adapter_written"] else " (not written)")
     peak = DASH if name == BASE else _bytes(r["peak_rss"])
     if r.get("peak_gpu") is not None:

@@ -43,8 +43,11 @@ def _trained(cfg: CompareConfig, row: str, model, tok, out, train_s: float) -> d
     peak = rss_bytes()["peak"]  # before exact match: its generation is not part of training
     records = read_metrics(out / "metrics.jsonl")
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    from ..lora.model import trainable_counts
+
     trainable = trainable_count(model)
     res = {"trainable": trainable, "model_params": count_parameters(model) - (0 if row == FULL else trainable),
+           "trainable_percent": 100 * trainable / max(1, trainable_counts(model)[1]),  # as `train` reports it
            "base_bytes": held_weight_bytes(model, frozen_only=row != FULL), "peak_rss": peak,
            "steps": sum(1 for r in records if "loss" in r), "val_loss": vals[-1] if vals else None,
            "train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None), "train_s": train_s,

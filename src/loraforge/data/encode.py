@@ -47,8 +47,9 @@ def encode_records(records: list[Record], tokenizer, max_len: int, train_on_prom
     if max_len < 2:
         raise LoraForgeError(f"max_len {max_len}: must be at least 2 tokens")
     out, truncated, empty = [], 0, 0
+    max_chars = 2 * max_len * longest_token_chars(tokenizer)
     for rec in records:
-        ex = encode_record(rec, tokenizer, train_on_prompt)
+        ex = encode_record(rec, tokenizer, train_on_prompt, max_chars=max_chars)
         if len(ex.input_ids) > max_len:
             truncated += 1
             ex = Example(ex.input_ids[:max_len], ex.labels[:max_len])
@@ -66,13 +67,25 @@ def encode_records(records: list[Record], tokenizer, max_len: int, train_on_prom
     return out
 
 
-def encode_record(record: Record, tokenizer, train_on_prompt: bool = False) -> Example:
-    """One record, untruncated."""
+def longest_token_chars(tokenizer) -> int:
+    """The most characters of text one token of `tokenizer` covers (its longest vocabulary entry: byte-level
+    and SentencePiece vocabularies spell each byte or space as one character of the entry)."""
+    return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+
+
+def encode_record(record: Record, tokenizer, train_on_prompt: bool = False, max_chars: int | None = None) -> Example:
+    """One record, untruncated; or, with `max_chars`, its text cut to that many characters before
+    tokenizing, so a huge record costs what its first tokens cost.
+
+    encode_records passes 2 * max_len * longest_token_chars: that text has at least 2 * max_len tokens, and
+    its first max_len tokens are those of the whole text unless one word spans the cut from the first half.
+    """
     if record.kind == "chat":
         if train_on_prompt:  # every token is trained: no spans to find
             text, spans = render(tokenizer, record.chat(), record.where, False), []
         else:
             text, spans = chat_spans(record, tokenizer)
+        text, spans, _ = _clip(text, spans, max_chars)
         ids, trained = _tokenize(tokenizer, text, spans, add_special_tokens=False)  # the template adds them
     else:
         if record.kind == "completion":
@@ -81,14 +94,21 @@ def encode_record(record: Record, tokenizer, train_on_prompt: bool = False) -> E
         else:
             text = record.text
             spans = [(0, len(text))]
+        text, spans, clipped = _clip(text, spans, max_chars)
         ids, trained = _tokenize(tokenizer, text, spans, add_special_tokens=True)  # a BOS, if the model uses one
         if tokenizer.eos_token_id is None:
             raise LoraForgeError(f"{record.where}: the tokenizer has no EOS token to end a {record.kind} record with")
-        if ids[-1:] != [tokenizer.eos_token_id]:
+        if ids[-1:] != [tokenizer.eos_token_id] and not clipped:  # a cut text does not end here
             ids.append(tokenizer.eos_token_id)
             trained.append(True)  # learning to stop is part of the completion
     labels = [t if (train_on_prompt or keep) else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
     return Example(ids, labels)
+
+
+def _clip(text: str, spans: list[tuple[int, int]], max_chars: int | None) -> tuple[str, list[tuple[int, int]], bool]:
+    if max_chars is None or len(text) <= max_chars:
+        return text, spans, False
+    return text[:max_chars], [(a, min(b, max_chars)) for a, b in spans if a < max_chars], True
 
 
 def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool) -> tuple[list[int], list[bool]]:

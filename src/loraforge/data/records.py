@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoraForgeError
-from .files import read_rows
+from .files import MAX_LINE_BYTES, read_rows
 
 log = logging.getLogger("loraforge")
 
@@ -47,8 +47,12 @@ class _Bad(Exception):
     """One record is unusable; the message says why (without the location, which the reader adds)."""
 
 
-def read_records(path: str | Path, fmt: str | None = None, skip_bad_lines: bool = False) -> list[Record]:
-    """Read a .jsonl, .json (array or lines), .csv or .parquet file of training records.
+def read_records(path: str | Path, fmt: str | None = None, skip_bad_lines: bool = False, *, txt_lines: bool = False,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> list[Record]:
+    """Read a .jsonl, .json (array or lines), .csv, .parquet or .txt file of training records.
+
+    A .txt file is plain text records: one per blank-line-separated paragraph, or per line with
+    `txt_lines`. A line (record) over `max_line_bytes` is a bad record.
 
     The format is detected from the fields of the file's first record unless `fmt` (chat, alpaca,
     completion, text) names it. A bad record raises LoraForgeError naming its file:line, or with
@@ -59,7 +63,7 @@ def read_records(path: str | Path, fmt: str | None = None, skip_bad_lines: bool 
     records: list[Record] = []
     bad: list[str] = []
     rows = 0
-    for row in read_rows(path):
+    for row in read_rows(path, txt_lines=txt_lines, max_line_bytes=max_line_bytes):
         rows += 1
         try:
             if row.error is not None:
@@ -120,6 +124,8 @@ def _chat(row: dict[str, Any], where: str) -> Record:
             msgs = json.loads(msgs)
         except json.JSONDecodeError as e:
             raise _Bad(f"field 'messages' is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise _Bad("field 'messages' is nested too deeply to parse") from None
     if not isinstance(msgs, list) or not msgs:
         raise _Bad(f"field 'messages' must be a non-empty list of {{role, content}} objects, got {_type(msgs)}")
     pairs = []

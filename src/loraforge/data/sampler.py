@@ -72,4 +72,8 @@ class Batcher:
                     f"cannot resume the data order: the checkpoint has {k}={state.get(k)!r}, this run {mine[k]!r}; "
                     "resume with the same data, batch size, packing and seed"
                 )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        try:
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        except (KeyError, TypeError, ValueError):
+            raise LoraForgeError("cannot resume the data order: the checkpoint's sampler state has no valid epoch "
+                                 "and step; delete the checkpoint to resume from an earlier one") from None

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import LoraForgeError
 from ..model.config import ARCHITECTURES
-from ..paths import atomic_dir, atomic_write_json, save_safetensors
+from ..paths import atomic_dir, atomic_write_json, check_output_dir, save_safetensors
 from .layer import LoraLinear
 from .model import registry
 
@@ -66,7 +66,12 @@ def merged_state_dict(model: nn.Module, adapter: str | None) -> tuple[dict[str, 
     return out, quantized
 
 
-def write_merged_folder(model: nn.Module, tokenizer, out_dir: str | Path, adapter: str | None = None) -> Path:
+def write_merged_folder(model: nn.Module, tokenizer, out_dir: str | Path, adapter: str | None = None, *,
+                        overwrite: bool = False, inputs: list[str | Path] | tuple = ()) -> Path:
+    """Write the merged model to the folder `out_dir`, a new or empty one unless `overwrite` (see
+    paths.check_output_dir: never a folder that holds one of `inputs` or the model's own folder)."""
+    own = [model.source_folder] if getattr(model, "source_folder", None) else []
+    check_output_dir(out_dir, overwrite=overwrite, inputs=[*inputs, *own])
     reg = registry(model)
     adapter = adapter or reg.active
     tensors, quantized = merged_state_dict(model, adapter)

@@ -229,7 +229,13 @@ def set_trainable_params(model: nn.Module, name: str, master_dtype: torch.dtype 
     return params
 
 
-def trainable_report(model: nn.Module) -> str:
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters of the model as it trains, adapters included), as PEFT's
+    print_trainable_parameters counts them: the one definition `train` and `compare` report."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = count_parameters(model)
+    return trainable, count_parameters(model)
+
+
+def trainable_report(model: nn.Module) -> str:
+    trainable, total = trainable_counts(model)
     return f"trainable {human(trainable)} of {human(total)} ({100 * trainable / max(total, 1):.2f}%)"

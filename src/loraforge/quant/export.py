@@ -32,6 +32,8 @@ def write_quantized_model(
     spec: QuantSpec = QuantSpec(),
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Quantize every linear weight but lm_head of model `src` and write the folder `out_dir` atomically.
 
@@ -39,6 +41,8 @@ def write_quantized_model(
     when given. Weights are quantized from their stored dtype (or `dtype`) on `device` (default: cuda
     if available; CPU and CUDA give the same codes, while the double-quantization offset, a mean, may
     differ in its last bit). Only the quantized model is held in memory, plus one float tensor at a time.
+    `out_dir` must be a new or empty folder unless `overwrite` (paths.check_output_dir), and never the
+    model's own folder.
     """
     from loraforge.model.decoder import CausalLM
     from loraforge.model.loading import (
@@ -48,9 +52,11 @@ def write_quantized_model(
         resolve_source,
         weight_files,
     )
-    from loraforge.paths import atomic_dir, atomic_write_json, save_safetensors
+    from loraforge.paths import atomic_dir, atomic_write_json, check_output_dir, save_safetensors
 
+    check_output_dir(out_dir, overwrite=overwrite, inputs=[src] if src else [])
     source = resolve_source(src)
+    check_output_dir(out_dir, overwrite=overwrite, inputs=[source.folder])
     cfg = read_config(source.folder)
     if spec_from_config(cfg.hf_config, str(source.folder / "config.json")) is not None:
         raise LoraForgeError(f"{source.folder}: already quantized; quantize the full-precision model instead")

@@ -10,7 +10,9 @@ Each ``step()`` first admits waiting requests into free slots (their prompts pre
 right-padded batches, each row into its own slot, which yields each one's first token), then runs one decode forward over every running sequence together:
 row b carries its own position, its own key mask and its own adapter id, so requests for different
 adapters share one forward (the LoRA layers compute the base projection once and each row's low-rank
-delta apart). Finished sequences leave the batch at the end of the step; their slot is reused.
+delta apart). A prefix-tuning adapter's row carries its prefix as the first P keys and values of its slot,
+so it shares the decode batch too. Finished sequences leave the batch at the end of the step; their slot
+is reused.
 
 Threading: ``add_request`` and ``abort`` may be called from any thread. ``step``, ``load_adapter`` and
 ``unload_adapter`` change the model or the cache and must run on one thread, the engine loop's
@@ -19,53 +21,25 @@ Threading: ``add_request`` and ``abort`` may be called from any thread. ``step``
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..adapters import adapter_kind, attach_adapter
+from ..errors import LoraForgeError
 from ..generate import SamplingParams, decode_until_stop, encode_prompt, stop_token_ids
 from ..lora import adapter_ids_for, delete_adapter
+from ..lora.registry import check_adapter_name
+from ..prefix.module import prefix_for
 from .cache import SlotCache
 from .errors import ServeError
 from .metrics import Metrics
+from .request import Completion, GenerationRequest, StepOutput, TokenLogprob
 from .sampling import sample_batch
-
-
-@dataclass
-class GenerationRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: str | None = None  # None = the base model
-    # engine state
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded output so far (stop strings cut off)
-    sent: int = 0  # characters of `text` already handed out
-    slot: int = -1
-    finish_reason: str | None = None
-    generator: torch.Generator | None = None
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    text: str  # new text since the last output of this request
-    token_ids: list[int]  # new tokens since the last output
-    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
 
 
 class Engine:
@@ -82,6 +56,8 @@ class Engine:
         self.eos = stop_token_ids(model, tokenizer)
         self.metrics = metrics or Metrics()
         self.adapters: dict[str, str] = {}  # name -> folder it was loaded from
+        # prefix adapter -> per-layer (k, v) [1, Hkv, P, D], computed once (the encoder is frozen)
+        self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[GenerationRequest] = []  # running[i] sits in cache slot i
         self._lock = threading.Lock()  # guards inbox, aborts, adapters' use counts and draining
@@ -90,23 +66,34 @@ class Engine:
         self._in_use: Counter[str] = Counter()
         self._draining: set[str] = set()
         self._ids = itertools.count()
-        # A fast tokenizer may refuse to be used from two threads at once ("Already borrowed").
+        # A fast tokenizer may refuse to be used from two threads at once ("Already borrowed"). The engine
+        # thread decodes with `tokenizer` under _tok_lock; prompts are encoded with a copy under _enc_lock,
+        # so a long prompt being tokenized never holds up a decode step.
         self._tok_lock = threading.Lock()
+        self._enc_lock = threading.Lock()
+        self._enc_tokenizer = None  # the copy, made on first use
+        self._max_token_chars = 0
 
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Attach the LoRA folder at `path` as `name`. Engine thread only (it changes the model)."""
-        if not name or "." in name or "/" in name:
-            raise ServeError(f"lora_name {name!r} must be non-empty and contain no '.' or '/'", param="lora_name")
+        """Attach the LoRA or prefix-tuning folder at `path` as `name`. Engine thread only (it changes the
+        model)."""
+        try:
+            check_adapter_name(name)
+        except LoraForgeError as e:
+            raise ServeError(f"lora_name: {e}", param="lora_name") from None
         if name == self.base_name or name in self.adapters:
             raise ServeError(f"lora_name {name!r} is already in use; unload it first or pick another name",
                              param="lora_name")
         kind = adapter_kind(path)
-        if kind != "LORA":
-            # Prefix adapters would enter as the first P cached positions of a slot; not wired in yet.
-            raise ServeError(f"{path}: a {kind} adapter; the server serves LoRA adapters only for now",
+        if kind not in ("LORA", "PREFIX_TUNING"):
+            raise ServeError(f"{path}: a {kind} adapter; the server serves LoRA and prefix-tuning adapters",
                              param="lora_path")
         attach_adapter(self.model, path, name, activate=False)
+        if kind == "PREFIX_TUNING":
+            with torch.inference_mode():
+                dtype = self.cache.k.dtype
+                self._prefixes[name] = [(k.to(dtype), v.to(dtype)) for k, v in prefix_for(self.model, name, 1)]
         self.adapters[name] = str(path)
         self.metrics.adapters_loaded = len(self.adapters)
 
@@ -133,6 +120,7 @@ class Engine:
                                  param="lora_name")
             delete_adapter(self.model, name)
             del self.adapters[name]
+            self._prefixes.pop(name, None)
             self._draining.discard(name)
             self.metrics.adapters_loaded = len(self.adapters)
 
@@ -142,13 +130,36 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], chat: bool) -> list[int]:
-        """Prompt token ids (chat messages go through the chat template). Any thread."""
-        with self._tok_lock:
+        """Prompt token ids (chat messages go through the chat template). Any thread but the engine's.
+
+        A text with more characters than max_len tokens can hold (max_len x the longest token's characters)
+        is refused before it is tokenized: tokenizing megabytes takes seconds and a lot of memory."""
+        field = "messages" if chat else "prompt"
+        with self._enc_lock:
+            encoder = self._encoder()
+            chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+            if chars > self.max_len * self._max_token_chars:
+                raise ServeError(f"{field}: {chars} characters cannot fit this model's maximum context length of "
+                                 f"{self.max_len} tokens (a token is at most {self._max_token_chars} characters)",
+                                 param=field, code="context_length_exceeded")
             try:
-                return encode_prompt(self.tokenizer, prompt, chat)
+                return encode_prompt(encoder, prompt, chat)
             except Exception as e:  # noqa: BLE001 - a template rejecting odd messages is the user's input
-                field = "messages" if chat else "prompt"
                 raise ServeError(f"{field}: cannot be encoded ({type(e).__name__}: {e})", param=field) from None
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token's text on its own (for log-probabilities). Any thread but the engine's."""
+        with self._enc_lock:
+            tok = self._encoder()
+            return [tok.decode([i]) for i in ids]
+
+    def _encoder(self):
+        """The tokenizer copy used off the engine thread (made on first use); call with _enc_lock held."""
+        if self._enc_tokenizer is None:
+            self._enc_tokenizer = copy.deepcopy(self.tokenizer)
+            # A token's string form has at least as many characters as the text it stands for.
+            self._max_token_chars = max(map(len, self._enc_tokenizer.get_vocab()), default=1)
+        return self._enc_tokenizer
 
     def resolve_model(self, model: str | None) -> str | None:
         """The adapter a request's `model` field names (None = the base); 404 for anything else."""
@@ -162,7 +173,7 @@ class Engine:
                          code="model_not_found")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, logprobs: int | None = None) -> str:
         """Queue a request (any thread). Raises ServeError for a prompt that cannot fit or an unknown adapter."""
         n = len(prompt_ids)
         if n == 0:
@@ -170,14 +181,17 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if n + params.max_new_tokens > self.max_len:
+        prefix = self._prefixes.get(adapter) if adapter is not None else None
+        P = prefix[0][0].shape[2] if prefix else 0
+        if P + n + params.max_new_tokens > self.max_len:
+            with_prefix = f", {P} for the adapter's prefix" if P else ""
             raise ServeError(
                 f"This model's maximum context length is {self.max_len} tokens; the request needs "
-                f"{n + params.max_new_tokens} ({n} in the prompt, {params.max_new_tokens} to generate). "
-                "Shorten the prompt or lower max_tokens.", param="max_tokens" if n < self.max_len else "prompt",
-                code="context_length_exceeded")
+                f"{P + n + params.max_new_tokens} ({n} in the prompt, {params.max_new_tokens} to generate"
+                f"{with_prefix}). Shorten the prompt or lower max_tokens.",
+                param="max_tokens" if P + n < self.max_len else "prompt", code="context_length_exceeded")
         rid = request_id or f"req-{next(self._ids)}"
-        req = GenerationRequest(rid, list(prompt_ids), params, adapter)
+        req = GenerationRequest(rid, list(prompt_ids), params, adapter, prefix_len=P, logprobs=logprobs)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         with self._lock:
@@ -274,25 +288,46 @@ class Engine:
         return adapter_ids_for(self.model, [r.adapter for r in reqs])
 
     def _prefill(self, reqs: list[GenerationRequest]) -> torch.Tensor:
-        """One forward over the prompts of `reqs` (consecutive slots), right-padded; [n, V] next-token logits."""
+        """One forward over the prompts of `reqs` (consecutive slots), right-padded; [n, V] next-token logits.
+        A prefix adapter's request comes alone: its prefix fills the slot's first P positions, the prompt
+        follows at positions P, P + 1, ... (as PEFT and generate_ids place it)."""
         lengths = [len(r.prompt_ids) for r in reqs]
-        view = self.cache.prefill_view(reqs[0].slot, lengths)
+        P = reqs[0].prefix_len
+        if P:
+            self.cache.write_prefix(reqs[0].slot, self._prefixes[reqs[0].adapter])
+        view = self.cache.prefill_view(reqs[0].slot, lengths, past=P)
         S = max(lengths)
         ids = torch.tensor([r.prompt_ids + [0] * (S - len(r.prompt_ids)) for r in reqs], device=self.device)
-        positions = torch.arange(S, device=self.device).expand(len(reqs), S)
+        positions = torch.arange(P, P + S, device=self.device).expand(len(reqs), S)
         return self.model(ids, positions=positions, adapter_ids=self._adapter_ids(reqs), cache=view,
                           logits_at=view.last_positions())[:, -1]
 
     def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest]) -> list[int]:
+        """One token per row; -1 for a row whose logits are not finite (its adapter overflowed or holds
+        NaN): that request fails alone, instead of its NaN breaking the sampler for the whole batch."""
+        broken = (~torch.isfinite(logits)).any(-1)  # [B]
+        if bool(broken.any()):
+            logits = logits.masked_fill(broken[:, None], 0.0)
+        want = [b for b, r in enumerate(reqs) if r.logprobs is not None]
+        # the model's own distribution, before min_tokens, temperature, top-k and top-p shape the draw
+        lp = torch.log_softmax(logits[want].float(), -1) if want else None  # [len(want), V]
         early = [b for b, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens]
         if early and self.eos:  # too early to end: no end-of-sequence token may be drawn
             logits[torch.tensor(early, device=logits.device)[:, None],
                    torch.tensor(sorted(self.eos), device=logits.device)[None, :]] = float("-inf")
-        return sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        toks = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for i, b in enumerate(want):
+            top = torch.topk(lp[i], reqs[b].logprobs) if reqs[b].logprobs else None
+            reqs[b].last_logprob = (toks[b], float(lp[i, toks[b]]),
+                                    list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else [])
+        return [-1 if bad else t for t, bad in zip(toks, broken.tolist(), strict=True)]
 
     def _emit(self, req: GenerationRequest, tok: int, outs: list[StepOutput]) -> int:
         """Append one token to `req`; add its new text (and the end, if it ended) to `outs`."""
         if req.finish_reason is not None:
+            return 0
+        if tok < 0:  # non-finite logits (see _sample)
+            self._finish(req, "error", outs)
             return 0
         req.output_ids.append(tok)
         p = req.params
@@ -305,7 +340,7 @@ class Engine:
             reason = "stop"
         req.text = text
         if reason is None and (len(req.output_ids) >= p.max_new_tokens
-                               or len(req.prompt_ids) + len(req.output_ids) >= self.max_len):
+                               or req.prefix_len + len(req.prompt_ids) + len(req.output_ids) >= self.max_len):
             reason = "length"
         if reason is not None:
             self._finish(req, reason, outs, new_tokens=[tok])
@@ -317,19 +352,26 @@ class Engine:
             upto -= 1
         delta = text[req.sent:upto] if upto > req.sent else ""
         req.sent = max(req.sent, upto)
-        outs.append(StepOutput(req.request_id, delta, [tok], None, len(req.prompt_ids), len(req.output_ids)))
+        outs.append(StepOutput(req.request_id, delta, [tok], None, len(req.prompt_ids), len(req.output_ids),
+                               self._logprobs(req, [tok])))
         return 1
+
+    @staticmethod
+    def _logprobs(req: GenerationRequest, new_tokens: list[int]) -> list[TokenLogprob] | None:
+        if req.logprobs is None:
+            return None
+        return [req.last_logprob] if new_tokens else []
 
     def _finish(self, req: GenerationRequest, reason: str, outs: list[StepOutput],
                 new_tokens: list[int] | None = None) -> None:
         req.finish_reason = reason
         outs.append(StepOutput(req.request_id, req.text[req.sent:], new_tokens or [], reason,
-                               len(req.prompt_ids), len(req.output_ids)))
+                               len(req.prompt_ids), len(req.output_ids), self._logprobs(req, new_tokens or [])))
         req.sent = len(req.text)
         with self._lock:
             if req.adapter is not None:
                 self._in_use[req.adapter] -= 1
-        self.metrics.finished(len(req.prompt_ids), ok=reason != "abort")
+        self.metrics.finished(len(req.prompt_ids), {"abort": "cancelled", "error": "failed"}.get(reason, "served"))
 
     def _retire(self) -> None:
         """Drop finished sequences; the last running one moves into each freed slot to keep slots contiguous."""
@@ -354,7 +396,7 @@ class Engine:
         for r in reqs:
             if r.finish_reason is None:
                 r.finish_reason = "error"
-                self.metrics.finished(len(r.prompt_ids), ok=False)
+                self.metrics.finished(len(r.prompt_ids), "failed")
         return reqs
 
 
@@ -372,7 +414,7 @@ def prefill_groups(reqs: list[GenerationRequest]) -> list[list[GenerationRequest
     real = longest = 0
     for r in reqs:
         n = len(r.prompt_ids)
-        if groups:
+        if groups and not r.prefix_len and not groups[-1][0].prefix_len:  # a prefix row is prefilled alone
             rows, top = len(groups[-1]) + 1, max(longest, n)
             if rows * top <= PREFILL_TOKENS and rows * top <= 2 * (real + n) + 64:
                 groups[-1].append(r)

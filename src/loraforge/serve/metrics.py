@@ -17,6 +17,7 @@ class Metrics:
         self.started = time.monotonic()
         self.requests_served = 0
         self.requests_failed = 0
+        self.requests_cancelled = 0
         self.prompt_tokens = 0
         self.tokens_generated = 0
         self.queue_length = 0
@@ -33,10 +34,14 @@ class Metrics:
             while self._recent and self._recent[0][0] < now - self.WINDOW_S:
                 self._recent.popleft()
 
-    def finished(self, prompt_tokens: int, ok: bool = True) -> None:
+    def finished(self, prompt_tokens: int, outcome: str = "served") -> None:
+        """Count a request that ended: outcome "served", "failed" (an engine error) or "cancelled" (the
+        client went away or aborted it)."""
         with self._lock:
-            if ok:
+            if outcome == "served":
                 self.requests_served += 1
+            elif outcome == "cancelled":
+                self.requests_cancelled += 1
             else:
                 self.requests_failed += 1
             self.prompt_tokens += prompt_tokens
@@ -49,6 +54,7 @@ class Metrics:
             return {
                 "requests_served": self.requests_served,
                 "requests_failed": self.requests_failed,
+                "requests_cancelled": self.requests_cancelled,
                 "prompt_tokens": self.prompt_tokens,
                 "tokens_generated": self.tokens_generated,
                 "tokens_per_s": sum(recent) / span,
@@ -62,6 +68,7 @@ class Metrics:
         help_ = {
             "requests_served": ("counter", "requests completed"),
             "requests_failed": ("counter", "requests that ended in an engine error"),
+            "requests_cancelled": ("counter", "requests cancelled before the end (the client went away)"),
             "prompt_tokens": ("counter", "prompt tokens processed"),
             "tokens_generated": ("counter", "tokens generated"),
             "tokens_per_s": ("gauge", f"tokens generated per second over the last {self.WINDOW_S:g} s"),

@@ -49,13 +49,14 @@ class EngineThread:
         return self._thread is not None and self._thread.is_alive()
 
     # -- called from the event loop -----------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> tuple[str, asyncio.Queue]:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
+               logprobs: int | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a request; its StepOutputs arrive on the returned queue (a ServeError instead on failure)."""
         q: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
         self._streams[rid] = (asyncio.get_running_loop(), q)  # before the engine can produce anything for it
         try:
-            self.engine.add_request(prompt_ids, params, adapter, request_id=rid)
+            self.engine.add_request(prompt_ids, params, adapter, request_id=rid, logprobs=logprobs)
         except BaseException:
             self._streams.pop(rid, None)
             raise
@@ -103,7 +104,12 @@ class EngineThread:
                     self._deliver(req.request_id, err, final=True)
                 continue
             for o in outs:
-                self._deliver(o.request_id, o, final=o.finish_reason is not None)
+                if o.finish_reason == "error":  # this request alone failed (non-finite logits)
+                    self._deliver(o.request_id, ServeError(
+                        "the model produced non-finite logits for this request: its adapter holds NaN or "
+                        "infinite values, or overflows in this precision", status=500), final=True)
+                else:
+                    self._deliver(o.request_id, o, final=o.finish_reason is not None)
 
     def _run_commands(self) -> None:
         while True:

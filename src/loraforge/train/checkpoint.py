@@ -15,6 +15,7 @@ safetensors and everything else through JSON: loading a checkpoint never unpickl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -27,6 +28,8 @@ import torch
 
 from ..errors import LoraForgeError
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
+
+log = logging.getLogger("loraforge")
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -48,6 +51,35 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(out: Path) -> Path | None:
     found = checkpoints(out)
     return found[-1][1] if found else None
+
+
+def latest_intact_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint whose files all read back whole (None: there is no checkpoint).
+
+    A disk that filled up, or a copy cut short, can leave the newest checkpoint truncated although its
+    folder is complete; resuming falls back to the one before it, and says so.
+    """
+    skipped: list[str] = []
+    for _, path in reversed(checkpoints(out)):
+        try:
+            verify_checkpoint(path)
+        except LoraForgeError as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            log.warning("resuming from %s, the newest intact checkpoint; skipped %d damaged one%s (%s)", path,
+                        len(skipped), "s" * (len(skipped) > 1), skipped[0])
+        return path
+    if skipped:
+        raise LoraForgeError(f"{Path(out) / CHECKPOINTS}: no intact checkpoint to resume from (newest: {skipped[0]})")
+    return None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise LoraForgeError unless state.json and every tensor file of checkpoint `path` read back whole."""
+    read_state(path)
+    for name in TENSOR_FILES:
+        _load_tensors(path, name)
 
 
 def remove_stale(out: Path) -> None:
@@ -81,26 +113,46 @@ def save_checkpoint(
     return dest
 
 
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+# The fields of state.json that resuming reads, and their JSON types.
+STATE_FIELDS = {"step": int, "sampler": dict, "tokens": int, "python_rng": dict, "config": dict}
+
+
 def read_state(path: Path) -> dict[str, Any]:
+    file = Path(path) / "state.json"
     try:
-        return json.loads((Path(path) / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise LoraForgeError(f"{path}: unreadable checkpoint ({e}); delete it to resume from an earlier one") from None
+        state = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise LoraForgeError(f"{file}: unreadable checkpoint state ({e}); delete the checkpoint to resume from "
+                             "an earlier one") from None
+    if not isinstance(state, dict):
+        raise LoraForgeError(f"{file}: expected a JSON object, got {type(state).__name__}; delete the checkpoint "
+                             "to resume from an earlier one")
+    for key, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            what = "missing" if key not in state else f"not {'an integer' if kind is int else 'an object'}"
+            raise LoraForgeError(f"{file}: field {key!r} is {what}, so the checkpoint cannot be resumed; delete "
+                                 "it to resume from an earlier one")
+    return state
+
+
+def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / name
+    try:
+        return load_file(str(file))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise LoraForgeError(f"{file}: unreadable ({e}); delete the checkpoint to resume from an earlier one") from None
 
 
 def load_checkpoint(
     path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Restore trained tensors, optimizer state and RNG states from `path`; return its state.json."""
-    from safetensors.torch import load_file
-
     state = read_state(path)
-    try:
-        trained = load_file(str(path / "trainable.safetensors"))
-        opt = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, ValueError) as e:
-        raise LoraForgeError(f"{path}: unreadable checkpoint ({e}); delete it to resume from an earlier one") from None
+    trained, opt, rng = (_load_tensors(path, name) for name in TENSOR_FILES)
     if set(trained) != set(params):
         missing = sorted(set(params) ^ set(trained))[:3]
         raise LoraForgeError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ def default_lr(method: str, prefix_projection: bool = False) -> float:
 
 @dataclass
 class TrainConfig:
-    data: str | None = None  # training file: .jsonl, .json, .csv or .parquet
+    data: str | None = None  # training file: .jsonl, .json, .csv, .parquet, or .txt (plain text)
     out: str | None = None  # output folder (default: runs/<data file stem>)
     model: str | None = None  # Hugging Face folder or .gguf (default: the embedded SmolLM2-135M-Instruct)
     device: str | None = None  # default: cuda if available, else cpu
@@ -65,8 +66,10 @@ class TrainConfig:
     format: str | None = None  # chat, alpaca, completion or text (default: detected from the first record)
     max_len: int = 1024
     train_on_prompt: bool = False
-    pack: bool = False
+    pack: bool | None = None  # default: on for a .txt corpus (many short paragraphs), off otherwise
     skip_bad_lines: bool = False
+    txt_lines: bool = False  # a .txt file: one record per line instead of per blank-line-separated paragraph
+    max_line_bytes: int = 4 * 2**20  # a longer record (JSONL line, CSV row, paragraph) is a bad record
     val: str | None = None  # a validation file; when set, val_split is not used
     val_split: float = 0.1
     # bookkeeping
@@ -82,11 +85,13 @@ class TrainConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         if self.lr is None:
             self.lr = default_lr(self.method, self.prefix_projection)
+        if self.pack is None:
+            self.pack = bool(self.data) and Path(self.data).suffix.lower() == ".txt"
         self._validate()
 
     def _validate(self) -> None:
         def bad(name: str, what: str):
-            raise LoraForgeError(f"config: {name} {getattr(self, name)!r}: {what}")
+            raise _field_error(name, f"config: {name} {getattr(self, name)!r}: {what}")
 
         if self.method not in METHODS:
             bad("method", f"choose one of {', '.join(METHODS)}")
@@ -104,6 +109,8 @@ class TrainConfig:
                 bad(name, "must be 0 or more")
         if self.max_len < 2:
             bad("max_len", "must be at least 2 tokens")
+        if self.max_line_bytes < 1:
+            bad("max_line_bytes", "must be at least 1")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             bad("alpha", "must be positive")
         if not 0 <= self.dropout < 1:
@@ -129,7 +136,9 @@ class TrainConfig:
 
     # -- building one ---------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+    def from_dict(cls, values: dict[str, Any], where: str = "config", flags: set[str] = frozenset()) -> TrainConfig:
+        """A config from `values`; errors name `where` (the YAML file), or the flag for a field in `flags`
+        (the ones given on the command line)."""
         known = config_fields()
         for key in values:
             if key not in known:
@@ -139,14 +148,17 @@ class TrainConfig:
         try:
             return cls(**values)
         except LoraForgeError as e:
-            msg = str(e)
-            raise LoraForgeError(f"{where}: {msg.removeprefix('config: ')}") from None
+            msg = str(e).removeprefix("config: ")
+            name = getattr(e, "field", None)
+            if name in flags:  # the user typed this one as a flag: name the flag, as argparse would
+                raise LoraForgeError(f"--{name.replace('_', '-')} {msg.removeprefix(name + ' ')}") from None
+            raise LoraForgeError(f"{where}: {msg}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Read a YAML file of TrainConfig fields, then apply `overrides` (the flags the user passed)."""
         values = read_yaml(path)
-        return cls.from_dict(merge(values, overrides or {}), where=str(path))
+        return cls.from_dict(merge(values, overrides or {}), where=str(path), flags=set(overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +169,18 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # -- derived values -------------------------------------------------------------------------------------
+    def with_absolute_paths(self) -> TrainConfig:
+        """This config with data, val, out and a model path made absolute (a model that is not a path,
+        the embedded one, stays as it is)."""
+        def absolute(v: str | None) -> str | None:
+            return os.path.abspath(os.path.expanduser(v)) if v else v
+
+        model = self.model
+        if model and Path(model).expanduser().exists():
+            model = absolute(model)
+        return dataclasses.replace(self, data=absolute(self.data), val=absolute(self.val), model=model,
+                                   out=absolute(str(self.out_dir())))
+
     def out_dir(self) -> Path:
         if self.out:
             return Path(self.out)
@@ -204,7 +228,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if value is None:
         if type(None) in options:
             return None
-        raise LoraForgeError(f"config: {name} must be set (got null)")
+        raise _field_error(name, f"config: {name} must be set (got null)")
     for t in options:
         if t is type(None):
             continue
@@ -213,7 +237,14 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         except (TypeError, ValueError):
             continue
     want = " or ".join(_type_name(t) for t in options if t is not type(None))
-    raise LoraForgeError(f"config: {name} must be {want}, got {value!r}")
+    raise _field_error(name, f"config: {name} must be {want}, got {value!r}")
+
+
+def _field_error(name: str, message: str) -> LoraForgeError:
+    """A LoraForgeError that knows its field, so from_dict can name the flag that set it."""
+    e = LoraForgeError(message)
+    e.field = name
+    return e
 
 
 def _as(value: Any, t: Any) -> Any:

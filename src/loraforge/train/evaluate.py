@@ -120,8 +120,9 @@ def exact_match(model: nn.Module, tokenizer, records: list[Record], max_new_toke
 
 def score(model: nn.Module, tokenizer, records: list[Record], examples: list[Example], batch_size: int = 8,
           max_new_tokens: int | None = None) -> dict[str, Any]:
-    """{"loss", "perplexity", "exact_match"} of the model as it is now (active adapter or base)."""
+    """{"loss", "perplexity", "exact_match", ...} of the model as it is now (active adapter or base), and
+    "predictions": each record's greedy completion (None for records without a reference)."""
     loss = mean_loss(model, examples, tokenizer.pad_token_id, batch_size)
     em = exact_match(model, tokenizer, records, max_new_tokens, batch_size)
     return {"loss": loss, "perplexity": perplexity(loss), "exact_match": em.fraction,
-            "exact_match_count": em.correct, "exact_match_total": em.total}
+            "exact_match_count": em.correct, "exact_match_total": em.total, "predictions": em.predictions}

@@ -12,7 +12,7 @@ takes bit-for-bit the same steps as one that never stopped.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import math
 import os
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraForgeError
-from ..paths import atomic_write_text
+from ..paths import DiskFullError, atomic_write_text, is_disk_full, remove_stale_temp
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .evaluate import batch_loss, mean_loss, perplexity, trained_tokens
@@ -70,8 +70,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     """
     if not cfg.data:
         raise LoraForgeError("no training data: pass a data file (or set `data:` in the config)")
-    out = cfg.out_dir()
-    cfg = dataclasses.replace(cfg, out=str(out))
+    cfg = cfg.with_absolute_paths()  # DIR/config.yaml then repeats the run from any working directory
+    out = Path(cfg.out)
     last = _check_out_dir(out, resume)
     if last is not None:
         _check_resumable(last, cfg)
@@ -112,7 +112,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     log.info("training %d steps (%d per epoch of %d rows, batch %d x %d accumulation) on %s; warm-up %d steps",
              total, math.ceil(len(batcher) / cfg.grad_accum), len(rows), cfg.batch_size, cfg.grad_accum,
              device, warmup)
-    return run.loop(progress)
+    try:
+        return run.loop(progress)
+    finally:
+        # a process-wide setting (torch has no getter): back to torch's default for whatever runs next
+        torch.set_flush_denormal(False)
 
 
 class _Run:
@@ -151,7 +155,7 @@ class _Run:
         self.model.train()
         bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=(not progress) if progress is not None else None, leave=False)
-        with bar, logging_redirect_tqdm(loggers=[log]):
+        with self.stopping_cleanly(), bar, logging_redirect_tqdm(loggers=[log]):
             while self.step < self.total:
                 t0 = time.perf_counter()
                 lr, grad_norm, n_tokens = self.train_step()
@@ -164,12 +168,13 @@ class _Run:
                     self.evaluate()
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-        if self.last_eval_step != self.step:
-            self.evaluate()
-        if self.last_saved is None or self.last_saved.name != f"step-{self.step}":
-            self.save()
-        self.model.eval()
-        self.write_adapter()
+        with self.stopping_cleanly():
+            if self.last_eval_step != self.step:
+                self.evaluate()
+            if self.last_saved is None or self.last_saved.name != f"step-{self.step}":
+                self.save()
+            self.model.eval()
+            self.write_adapter()
         log.info("wrote adapter to %s (%d steps, train loss %.4f%s)", self.out, self.step, self.loss,
                  f", validation loss {self.val_loss:.4f}" if self.val_loss is not None else "")
         return TrainResult(self.out, self.step, self.loss, self.val_loss, self.best_val, self.tokens, self.model, self.tok)
@@ -205,6 +210,27 @@ class _Run:
         n_inputs = sum(int((b["input_ids"] != self.tok.pad_token_id).sum()) for b in batches)
         self.tokens += n_inputs
         return lr, grad_norm, n_inputs
+
+    @contextlib.contextmanager
+    def stopping_cleanly(self):
+        """An interrupt (Ctrl-C, or SIGTERM, which the CLI turns into one) abandons the step under way and a
+        full disk stops the run; either way the user learns which checkpoint is intact."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            log.warning("training stopped during step %d; %s", self.step + 1, self.resume_hint())
+            raise
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            what = e.path if isinstance(e, DiskFullError) else getattr(e, "filename", None) or self.out
+            raise LoraForgeError(f"{what}: no space left on the device at step {self.step}, so training stopped; "
+                                 f"{self.resume_hint()}") from None
+
+    def resume_hint(self) -> str:
+        if self.last_saved is None:
+            return "no checkpoint was written before it"
+        return f"the last checkpoint, {self.last_saved}, is intact (continue with --resume)"
 
     def stop(self, step: int, what: str) -> None:
         where = (f"the last good checkpoint is {self.last_saved} (continue with --resume and a lower --lr)"
@@ -261,7 +287,12 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start fresh). A fresh run refuses to mix into an old one."""
     if resume:
         ckpt.remove_stale(out)
-        last = ckpt.latest_checkpoint(out)
+        # what a killed run's atomic writes left half-done: best/ and the adapter's staging folder
+        for name in ("best", ".adapter.tmp", "config.yaml", "loss.png", "metrics.jsonl"):
+            remove_stale_temp(out / name)
+        if (out / ".adapter.tmp").is_dir():
+            shutil.rmtree(out / ".adapter.tmp", ignore_errors=True)
+        last = ckpt.latest_intact_checkpoint(out)
         if last is None:
             log.warning("%s: no checkpoint to resume from; starting from scratch", out)
         return last
@@ -289,9 +320,10 @@ def read_data(cfg: TrainConfig):
     """(train records, validation records): the --val file, or a seeded --val-split of the data."""
     from ..data import read_records, split_records
 
-    records = read_records(cfg.data, cfg.format, cfg.skip_bad_lines)
+    opts = {"txt_lines": cfg.txt_lines, "max_line_bytes": cfg.max_line_bytes}
+    records = read_records(cfg.data, cfg.format, cfg.skip_bad_lines, **opts)
     if cfg.val:
-        val = read_records(cfg.val, cfg.format, cfg.skip_bad_lines)
+        val = read_records(cfg.val, cfg.format, cfg.skip_bad_lines, **opts)
         return records, val
     if cfg.val_split > 0 and len(records) < 2:
         log.warning("%s: a single record; training without validation", cfg.data)
