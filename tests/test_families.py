@@ -304,3 +304,27 @@ def test_left_padded_batch_generation_equals_each_prompt_alone(family):
     prompts = [ids(1, L, seed=20 + L)[0].tolist() for L in (2, 9, 5)]
     alone = [generate_ids(model, [p], sp, eos_ids={2})[0] for p in prompts]
     assert generate_ids(model, prompts, sp, eos_ids={2}) == alone
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_serving_engine_prefix_row_past_the_window(name, tmp_path, smol_folder):
+    """A prefix adapter's row in the serving engine (its prefix the first slots of its row, sliding out of
+    the window) beside a base row equals our one-adapter cached generation."""
+    from loraforge.prefix import PrefixConfig, add_prefix, save_prefix_adapter
+    from loraforge.serve.engine import Engine
+
+    build(name, tmp_path / "m", smol_folder)
+    model, tok = load_model(str(tmp_path / "m"), device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    add_prefix(model, "p", PrefixConfig(num_virtual_tokens=3, init="normal"))
+    save_prefix_adapter(model, "p", tmp_path / "p")
+    n = 2 * WINDOW
+    sp = SamplingParams(max_new_tokens=n, min_tokens=n)
+    prompts = [ids(1, L, seed=30 + L)[0].tolist() for L in (4, 6)]
+    want = generate_ids(model, [prompts[0]], sp, eos_ids={2})[0]  # the active prefix adapter
+    set_adapter(model, None)
+    base = generate_ids(model, [prompts[1]], sp, eos_ids={2})[0]
+    engine = Engine(load_model(str(tmp_path / "m"), device="cpu", dtype="float32")[0], tok, max_batch=2, max_len=64)
+    engine.load_adapter("p", tmp_path / "p")
+    assert [c.token_ids for c in engine.generate(prompts, sp, ["p", None])] == [want, base]
+    assert want != generate_ids(model, [prompts[0]], sp, eos_ids={2})[0]  # the prefix matters
