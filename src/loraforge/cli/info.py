@@ -72,7 +72,7 @@ def model_info(src: str | None) -> dict:
     size = sum(f.stat().st_size for f in files)
     if stored:
         # a quantized weight is several tensors (codes, scales, code tables): count it as its in x out values
-        n = sum(parameter_counts(cfg))
+        n = sum(parameter_counts(cfg)[:2])
     else:
         n = sum(_numel(info["shape"]) for h in headers.values() for info in h.values())
     arch = (cfg.hf_config.get("architectures") or [ARCHITECTURES[cfg.model_type]])[0]

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..model.llama import Linear
+from ..model.linear import Linear
 from ..ops import dropout_mask, dropout_ref, frozen_linear, lora_linear
 from .registry import AdapterRegistry
 

@@ -54,11 +54,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def linear_paths(model: nn.Module) -> list[str]:
+    """The projections LoRA can target: not the MoE experts' per-expert quantized linears (an expert's
+    weights are one stacked parameter in transformers and PEFT, not modules)."""
     out = []
     for path, m in model.named_modules():
         if isinstance(m, LoraLinear):
             out.append(path)
-        elif is_linear(m) and not path.endswith(".base"):
+        elif is_linear(m) and not path.endswith(".base") and ".experts." not in path:
             out.append(path)
     return out
 

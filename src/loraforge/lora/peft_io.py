@@ -57,7 +57,7 @@ REFUSED_KEYS = {  # key -> (PEFT's "off" values, what it is)
     "modules_to_save": ((None, []), "fully trained extra modules"),
     "layer_replication": ((None, []), "replicated layers"),
     "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
-    "target_parameters": ((None, []), "LoRA on raw parameters"),
+    "target_parameters": ((None, []), "LoRA on raw parameters, such as MoE experts and routers"),
     "use_qalora": ((False, None), "QA-LoRA"),
     "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
     "arrow_config": ((None,), "Arrow routing"),

@@ -1,7 +1,10 @@
 from .cache import KVCache
 from .config import ModelConfig
-from .llama import Linear, LlamaForCausalLM
+from .decoder import CausalLM
+from .linear import Linear
 from .loading import count_parameters, load_model, load_tokenizer, resolve_source
 
-__all__ = ["KVCache", "Linear", "LlamaForCausalLM", "ModelConfig", "count_parameters", "load_model",
+LlamaForCausalLM = CausalLM  # its name from before every family shared one decoder
+
+__all__ = ["CausalLM", "KVCache", "Linear", "LlamaForCausalLM", "ModelConfig", "count_parameters", "load_model",
            "load_tokenizer", "resolve_source"]

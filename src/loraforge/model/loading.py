@@ -32,9 +32,11 @@ from ..quant.checkpoint import (
 from ..quant.linear import linear_names
 from .budget import check_fits
 from .config import ModelConfig
+from .decoder import CausalLM
 from .embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, converted_folder, embedded_gguf
+from .experts_io import expert_part, quantize_experts, renamed, stack_experts
 from .files import INDEX_FILE, read_json_object, shard_files, shown, source_record
-from .llama import Linear, LlamaForCausalLM, rope_inv_freq
+from .linear import Linear
 from .precision import DTYPES, resolve_precision  # noqa: F401  (DTYPES: cli/quantize)
 
 log = logging.getLogger("loraforge")
@@ -212,7 +214,7 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
-) -> tuple[LlamaForCausalLM, object]:
+) -> tuple[CausalLM, object]:
     """Load a base model and its tokenizer. Returns (model, tokenizer); the model is frozen and in eval mode.
 
     `quantize` ("nf4", "fp4", "int8") quantizes every linear but lm_head as it is read. A pre-quantized
@@ -227,7 +229,7 @@ def load_model(
         raise LoraForgeError(f"--quantize {quantize!r}: choose one of {', '.join(QUANT_TYPES)}")
     check_fits(cfg, dt, quantize or _declared_quant(cfg, source.folder), dev, str(source.folder / "config.json"))
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = CausalLM(cfg)
     # Shapes as config.json implies them, taken before any linear becomes a QuantLinear.
     shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
@@ -239,6 +241,7 @@ def load_model(
         spec, on_load = _quantization(model, cfg, source.folder, stored, quantize, dt)
         owner = {key: group_of(key, stored) for key in reader.file_of} if stored else {}
         members: dict[str, list[str]] = {}  # stored quantized weight -> the names of its tensors
+        experts: dict[tuple[str, int, str], torch.Tensor] = {}  # MoE: (layer, expert, part) -> its weight
         for key, group in owner.items():
             if group is not None:
                 members.setdefault(group, []).append(key)
@@ -252,24 +255,33 @@ def load_model(
                     _load_stored(model, file, group, tensors, shapes[group], dev)
                     seen.add(group)
                 continue
-            if key not in shapes:
+            if cfg.num_experts and (part := expert_part(key)) is not None:
+                experts[part] = reader.get(key)  # stacked per layer below
+                continue
+            name = renamed(key) if cfg.num_experts else key
+            if name not in shapes:
                 raise LoraForgeError(f"{file}: unexpected tensor {key!r}; is this a {cfg.model_type} checkpoint?")
-            t = reader.read(key) if key in on_load else reader.get(key)
-            if tuple(t.shape) != shapes[key]:
-                raise LoraForgeError(f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shapes[key]}")
+            t = reader.read(key) if name in on_load else reader.get(key)
+            _check_shape(file, key, t, shapes[name])
             t = t.to(device=dev, dtype=dt if t.is_floating_point() else t.dtype)
-            if key in on_load:
+            if name in on_load:
                 # quantized now: only this one layer ever exists in full precision
-                model.get_submodule(key.removesuffix(".weight")).set_quant_state(quantize_weight(t, spec))
+                model.get_submodule(name.removesuffix(".weight")).set_quant_state(quantize_weight(t, spec))
             else:
-                _set_tensor(model, key, t)
-            seen.add(key)
+                _set_tensor(model, name, t)
+            seen.add(name)
+        for name, t in stack_experts(experts, cfg.num_experts, str(source.folder)).items():
+            _check_shape(source.folder, name, t, shapes.get(name))
+            _set_tensor(model, name, t.to(device=dev, dtype=dt))
+            seen.add(name)
+    if cfg.num_experts and on_load:  # QLoRA quantizes the experts too (loaded whole first, then quantized)
+        quantize_experts(model, spec, dt)
     missing = sorted(set(shapes) - seen)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LoraForgeError(f"{source.folder}: weights missing from the checkpoint: {', '.join(missing[:3])}{more}")
     model.tie_weights()
-    model.inv_freq = rope_inv_freq(cfg).to(dev)  # buffers built on meta hold no data
+    model.init_rope(dev)  # buffers built on meta hold no data
     model.requires_grad_(False)
     model.eval()
     model.name_or_path = source.name
@@ -284,6 +296,13 @@ def load_model(
         f"; {prec.why}" if prec.why.startswith("auto") else "",
     )
     return model, tok
+
+
+def _check_shape(file, key: str, t: torch.Tensor, shape: tuple | None) -> None:
+    if shape is None:
+        raise LoraForgeError(f"{file}: unexpected tensor {key!r}")
+    if tuple(t.shape) != shape:
+        raise LoraForgeError(f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies {shape}")
 
 
 def _declared_quant(cfg: ModelConfig, folder: Path) -> str | None:

@@ -44,7 +44,7 @@ def write_quantized_model(
     `out_dir` must be a new or empty folder unless `overwrite` (paths.check_output_dir), and never the
     model's own folder.
     """
-    from loraforge.model.llama import LlamaForCausalLM
+    from loraforge.model.decoder import CausalLM
     from loraforge.model.loading import (
         WeightReader,
         load_tokenizer,
@@ -61,7 +61,7 @@ def write_quantized_model(
     if spec_from_config(cfg.hf_config, str(source.folder / "config.json")) is not None:
         raise LoraForgeError(f"{source.folder}: already quantized; quantize the full-precision model instead")
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = CausalLM(cfg)
     shapes = {f"{n}.weight": tuple(model.get_submodule(n).weight.shape) for n in linear_names(model)}
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tensors: dict[str, torch.Tensor] = {}
