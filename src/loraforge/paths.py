@@ -140,14 +140,19 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temp file in path's folder (created if needed), named so a rename onto path is atomic."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        return tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as e:
         _raise_if_disk_full(e, path)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -175,12 +180,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     from safetensors.torch import save_file
 
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        _raise_if_disk_full(e, path)
-        raise
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
