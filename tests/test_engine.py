@@ -261,7 +261,6 @@ def test_sample_row_draws_from_the_nucleus():
 
 
 def test_engine_serves_adapters_on_an_nf4_base(tiny_folder, tmp_path):
-    pytest.importorskip("loraforge.quant")
     from loraforge.model import load_model
 
     model, tok = load_model(str(tiny_folder), quantize="nf4")

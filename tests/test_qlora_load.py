@@ -163,7 +163,7 @@ def test_int8_folder_round_trip(tiny_folder, tmp_path):
 
 
 def test_transformers_loads_our_nf4_folder(tiny64_folder, tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
     out = write_quantized_model(str(tiny64_folder), tmp_path / "nf4")
@@ -187,7 +187,6 @@ def exact_bnb_path(model):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_reads_what_transformers_and_bitsandbytes_save(tiny64_folder, tmp_path, quant_type):
-    pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
@@ -287,7 +286,7 @@ def test_bad_quantization_configs(nf4_folder, tmp_path):
 @pytest.mark.embedded
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_bitsandbytes_parity_on_embedded_weights(smol_folder, quant_type):
-    F = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as F
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.14.mlp.down_proj.weight",
              "model.layers.29.self_attn.v_proj.weight"]
     with safe_open(str(smol_folder / "model.safetensors"), "pt") as f:

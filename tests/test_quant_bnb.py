@@ -1,12 +1,11 @@
 """Parity with bitsandbytes on CPU: codes byte for byte, nested statistics, dequantized values, layout."""
 
+import bitsandbytes.functional as bnb_functional  # a declared test dependency: missing means failing
 import pytest
 import torch
 
 from loraforge.quant import QuantLinear, dequantize, quantize, state_from_tensors, state_to_tensors
 from loraforge.quant.codebooks import code_4bit, dynamic_code, rounding_table_4bit
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # numel 70, 990, 77100 (1205 blocks: 5 nested blocks, the last one short), 3: none a multiple of 64
