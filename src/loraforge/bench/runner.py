@@ -131,13 +131,10 @@ def run_pair(a: str, b: str, sa: Setting, sb: Setting, timeout: float) -> tuple[
 def machine() -> dict:
     import torch
 
-    info = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg_start": loadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from ..model.precision import cpu_model
+
+    info = {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg_start": loadavg()}
     for pkg in ("transformers", "peft", "bitsandbytes"):
         try:
             from importlib.metadata import version

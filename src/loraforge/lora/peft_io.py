@@ -7,7 +7,6 @@ Pickle files (``adapter_model.bin``) are refused: unpickling runs code.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraForgeError
-from ..model.files import shown
+from ..model.files import read_json_object, shown
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
 from .config import LoraConfig, finite_number, positive_finite, positive_int
 from .layer import LoraLinear, lora_weight_like
@@ -134,16 +133,9 @@ def read_adapter_config(path: str | Path) -> dict:
             raise LoraForgeError(f"{shown(path)}: no such adapter folder")
         if not cfg_path.exists():
             raise LoraForgeError(f"{shown(path)}: not an adapter folder (no {CONFIG_FILE})")
-        text = cfg_path.read_text()
     except OSError as e:  # a name too long, a loop of links, no permission
         raise LoraForgeError(f"{shown(path)}: cannot read this adapter folder ({e.strerror or e})") from None
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise LoraForgeError(f"{shown(cfg_path)}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise LoraForgeError(f"{shown(cfg_path)}: expected a JSON object")
-    return raw
+    return read_json_object(cfg_path, "an adapter config")
 
 
 def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -36,11 +36,11 @@ def read_json_object(path: Path, what: str) -> dict:
     try:
         raw = json.loads(path.read_text())
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise LoraForgeError(f"{path}: not valid JSON ({e})") from None
+        raise LoraForgeError(f"{shown(path)}: not valid JSON ({e})") from None
     except OSError as e:
-        raise LoraForgeError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise LoraForgeError(f"{shown(path)}: cannot read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
-        raise LoraForgeError(f"{path}: {what} must be a JSON object, not {type(raw).__name__}")
+        raise LoraForgeError(f"{shown(path)}: {what} must be a JSON object, not {type(raw).__name__}")
     return raw
 
 

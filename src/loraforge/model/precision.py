@@ -84,28 +84,29 @@ def cpu_capability() -> str:
     return ", ".join(caps) or "unknown"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
-        for line in open("/proc/cpuinfo"):  # noqa: SIM115 - read a few lines only
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def cpu_bf16_verdict(cache: bool = True) -> dict:
     """{"fast": bool, "ratio": bf16 speed / fp32 speed or None, "capability": str}, cached on disk."""
     cap = cpu_capability()
-    key = f"{_cpu_model()} | {cap} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{cpu_model()} | {cap} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = home() / "cpu_bf16.json"
+    known: dict = {}
     if cache:
         try:
-            known = json.loads(path.read_text())
-            if isinstance(known, dict) and isinstance(known.get(key), dict):
-                return known[key]
+            read = json.loads(path.read_text())
+            known = read if isinstance(read, dict) else {}
         except (OSError, ValueError):
             pass
+        if isinstance(known.get(key), dict):
+            return known[key]
     # Only chips with bf16 matrix instructions are worth timing; the rest are slow by construction.
     if "AMX" not in cap and "AVX512" not in cap.upper():
         verdict = {"fast": False, "ratio": None, "capability": cap}
@@ -114,11 +115,8 @@ def cpu_bf16_verdict(cache: bool = True) -> dict:
         verdict = {"fast": ratio >= (1.0 if "AMX" in cap else FAST_RATIO), "ratio": round(ratio, 2), "capability": cap}
     if cache:
         try:
-            known = json.loads(path.read_text()) if path.exists() else {}
-            known = known if isinstance(known, dict) else {}
-            known[key] = verdict
-            atomic_write_json(path, known)
-        except (OSError, ValueError):
+            atomic_write_json(path, {**known, key: verdict})
+        except OSError:
             pass  # a read-only home just means timing again next time
     return verdict
 
