@@ -1,12 +1,13 @@
 # loraforge: two commands do everything on a fresh machine, and are safe to run again.
 #   make demo   set up, then train persona + task adapters on the embedded model and show them off
 #   make test   set up, then run the whole test suite
+#   make test-interop  (CI) build llama.cpp and vLLM CPU, then check our exports inside them
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loraforge-installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-interop bench lint clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,12 @@ demo: setup
 test: setup
 	@echo "==> [test] running the test suite"
 	@$(BIN)/python -m pytest -q tests
+
+test-interop: setup
+	@echo "==> [test-interop] setting up llama.cpp (llama-cpp-python) and vLLM CPU (cached after the first run)"
+	@bash interop/setup.sh
+	@echo "==> [test-interop] running the interop suite"
+	@$(BIN)/python -m pytest -q tests_interop
 
 bench: setup
 	@echo "==> [bench] loraforge vs PEFT / bitsandbytes (about 20 minutes)"
