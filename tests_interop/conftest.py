@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# Reuse the main suite's fixtures (smol_folder, tiny models).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import *  # noqa: E402,F401,F403
+# Reuse the main suite's fixtures (smol_folder, make_tiny_folder, ...) under another module name: both
+# files are called conftest.py, so a plain import would find this one.
+_spec = importlib.util.spec_from_file_location(
+    "loraforge_main_conftest", Path(__file__).resolve().parent.parent / "tests" / "conftest.py")
+_main = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_main)
+globals().update({k: v for k, v in vars(_main).items() if not k.startswith("_")})
 
 INTEROP_CACHE = Path(os.environ.get("LORAFORGE_INTEROP_CACHE", Path.home() / ".cache/loraforge/interop"))
