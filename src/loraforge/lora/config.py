@@ -22,6 +22,10 @@ class LoraConfig:
     # Per-module overrides, keyed by a regex searched in the module path (PEFT's rank_pattern/alpha_pattern).
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # PEFT's target_parameters: stacked MoE expert weights to adapt, matched as the last name components of
+    # their paths (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``; see lora/experts.py). Needs
+    # dropout 0, as PEFT does.
+    target_parameters: list[str] | None = None
 
     def __post_init__(self):
         # Every field is checked here, so a config from Python, YAML or adapter_config.json that is
@@ -34,10 +38,20 @@ class LoraConfig:
             raise LoraForgeError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise LoraForgeError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.target_parameters is not None:
+            if not isinstance(self.target_parameters, (list, tuple)) or not all(
+                    isinstance(t, str) and t for t in self.target_parameters):
+                raise LoraForgeError(f"target_parameters must be a list of parameter names, "
+                                     f"got {self.target_parameters!r}")
+            self.target_parameters = list(self.target_parameters) or None
+        if self.target_parameters and self.dropout != 0:
+            raise LoraForgeError(f"dropout must be 0 with target_parameters (got {self.dropout!r}): LoRA on expert "
+                                 "weights has no dropout, and PEFT refuses such an adapter")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             check_regex("targets", self.targets)
         elif isinstance(self.targets, (list, tuple)):
-            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            # an empty list adapts no module: only with target_parameters, as in PEFT (target_modules=[])
+            if (not self.targets and not self.target_parameters) or not all(isinstance(t, str) and t for t in self.targets):
                 raise LoraForgeError(f"targets must be a non-empty list of module names, got {self.targets!r}")
             self.targets = list(self.targets)
         elif not isinstance(self.targets, str):
@@ -68,6 +82,10 @@ class LoraConfig:
         if isinstance(self.targets, str):
             return re.fullmatch(self.targets, module_path) is not None
         return any(module_path == t or module_path.endswith("." + t) for t in self.targets)
+
+    def matches_parameter(self, param_path: str) -> bool:
+        """Whether target_parameters selects the parameter at `param_path` (PEFT's rule: a full path or its tail)."""
+        return any(param_path == t or param_path.endswith("." + t) for t in self.target_parameters or ())
 
 
 def finite_number(v) -> bool:

@@ -19,6 +19,14 @@ from torch import nn
 from ..errors import LoraForgeError
 from ..model.loading import count_parameters, human
 from .config import LoraConfig
+from .experts import (
+    ExpertLora,
+    expert_layer,
+    expert_param_paths,
+    expert_shape,
+    is_expert_param,
+    router_param_paths,
+)
 from .layer import LoraLinear
 from .registry import AdapterRegistry
 
@@ -47,9 +55,12 @@ def is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (hasattr(m, "quant_type") and hasattr(m, "in_features"))
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear | ExpertLora]]:
+    """Every module that holds LoRA adapters: the wrapped projections and the adapted stacked expert weights
+    (an ExpertLora's path is its weight's, ``...mlp.experts.gate_up_proj``). Both hold lora_A, lora_B and
+    scaling by adapter name."""
     for path, m in model.named_modules():
-        if isinstance(m, LoraLinear):
+        if isinstance(m, (LoraLinear, ExpertLora)):
             yield path, m
 
 
@@ -71,9 +82,10 @@ def add_lora(model: nn.Module, name: str = "default", config: LoraConfig | None 
     config = config or LoraConfig()
     registry(model).check_new_name(name)
     paths = [p for p in linear_paths(model) if config.matches(p)]
-    if not paths:
+    if not paths and not config.target_parameters:
         kinds = sorted({p.rsplit(".", 1)[-1] for p in linear_paths(model)})
         raise LoraForgeError(f"targets {config.targets!r} match no linear layer; this model has: {', '.join(kinds)}")
+    paths += target_parameter_paths(model, config.target_parameters, "target_parameters")
     plan = {}
     for path in paths:
         r, alpha = config.rank_alpha(path)
@@ -82,17 +94,40 @@ def add_lora(model: nn.Module, name: str = "default", config: LoraConfig | None 
     return paths
 
 
+def target_parameter_paths(model: nn.Module, target_parameters: list[str] | None, where: str) -> list[str]:
+    """The stacked expert weights that `target_parameters` (PEFT's rule) selects; each entry must select one.
+    The router is refused by name: adapting it would change which experts run."""
+    if not target_parameters:
+        return []
+    experts, routers = expert_param_paths(model), router_param_paths(model)
+    out = []
+    for t in target_parameters:
+        hits = [p for p in experts if p == t or p.endswith("." + t)]
+        if not hits and any(p == t or p.endswith("." + t) for p in routers):
+            raise LoraForgeError(f"{where}: {t!r} is the MoE router, which loraforge never adapts (all-linear "
+                                 "leaves routers out); adapt mlp.experts.gate_up_proj / mlp.experts.down_proj")
+        if not hits:
+            raise LoraForgeError(f"{where}: {t!r} matches no MoE expert weight of this model "
+                                 f"({'mlp.experts.gate_up_proj, mlp.experts.down_proj' if experts else 'it has none'})")
+        out += [p for p in hits if p not in out]
+    return out
+
+
 def layer_scaling(model: nn.Module, path: str, config: LoraConfig, r: int, alpha: float) -> float:
     """The scaling of a rank-`r` adapter on layer `path`, after checking that r fits the layer.
 
     A rank above min(in, out) adds nothing a full-rank update could not (B @ A has rank <= min(in, out)),
     and an absurd one (r = 10**12) would try to allocate petabytes: both are refused.
     """
-    layer = model.get_submodule(path)
-    limit = min(layer.in_features, layer.out_features)
+    if is_expert_param(model, path):  # a stacked expert weight: the rank is per expert
+        _, out_f, in_f = expert_shape(model, path)
+    else:
+        layer = model.get_submodule(path)
+        in_f, out_f = layer.in_features, layer.out_features
+    limit = min(in_f, out_f)
     if not 1 <= r <= limit:
         raise LoraForgeError(f"rank {r} for {path} is outside 1..{limit} (the layer is "
-                             f"{layer.in_features} -> {layer.out_features}, so min(in, out) = {limit})")
+                             f"{in_f} -> {out_f}, so min(in, out) = {limit})")
     s = config.scaling(r, alpha)
     if not math.isfinite(s):
         raise LoraForgeError(f"the scaling of {path} (alpha {alpha} / rank {r}) is not finite")
@@ -105,6 +140,9 @@ def attach_lora(model: nn.Module, name: str, config: LoraConfig, plan: dict[str,
     reg = registry(model)
     reg.check_new_name(name)
     for path, (r, s) in plan.items():
+        if is_expert_param(model, path):
+            expert_layer(model, path, reg).add(name, r, s, config.dropout, config.init)
+            continue
         layer = model.get_submodule(path)
         if not isinstance(layer, LoraLinear):
             parent_path, _, attr = path.rpartition(".")
@@ -181,15 +219,23 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> None:
         raise LoraForgeError(f"adapter {reg.merged!r} is already merged; unmerge it first")
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
     for path, layer in layers:
-        if not isinstance(getattr(layer.base, "weight", None), torch.Tensor) or not layer.base.weight.is_floating_point():
+        w = _merge_target(layer)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             raise LoraForgeError(f"{path}: cannot merge into a quantized base in place; use `loraforge merge`, "
                                  "which writes a full-precision model")
         delta = layer.delta_weight(name)
-        if not torch.isfinite(delta).all() or not torch.isfinite(layer.base.weight + delta).all():
+        if not torch.isfinite(delta).all() or not torch.isfinite(w + delta).all():
             raise LoraForgeError(f"refusing to merge adapter {name!r}: {path} would get non-finite weights")
     for _, layer in layers:
-        layer.base.weight += layer.delta_weight(name).to(layer.base.weight.dtype)
+        w = _merge_target(layer)
+        w += layer.delta_weight(name).to(w.dtype)
     reg.merged, reg.active = name, name
+
+
+def _merge_target(layer: LoraLinear | ExpertLora):
+    """The weight a merge adds into: the projection's [out, in] or the stacked experts' [E, out, in] (a
+    quantized base gives something else, which merge refuses)."""
+    return layer.stacked() if isinstance(layer, ExpertLora) else getattr(layer.base, "weight", None)
 
 
 @torch.no_grad()
@@ -199,7 +245,8 @@ def unmerge_adapter(model: nn.Module) -> None:
         raise LoraForgeError("no adapter is merged")
     for _, layer in lora_layers(model):
         if reg.merged in layer.lora_A:
-            layer.base.weight -= layer.delta_weight(reg.merged).to(layer.base.weight.dtype)
+            w = _merge_target(layer)
+            w -= layer.delta_weight(reg.merged).to(w.dtype)
     reg.merged = None
 
 

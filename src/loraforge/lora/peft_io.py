@@ -1,7 +1,9 @@
 """LoRA adapters in PEFT's on-disk format, so PEFT, vLLM and LoRAX read ours and we read theirs.
 
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
-``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight`` ([out, r]).
+``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight`` ([out, r]). LoRA on MoE
+expert weights (``target_parameters``) is saved under the experts module, A [r*E, in] and B [out, r*E], with
+``.base_layer`` inserted as PEFT nests its wrappers (lora/experts.py).
 Pickle files (``adapter_model.bin``) are refused: unpickling runs code.
 """
 
@@ -18,6 +20,7 @@ from ..errors import LoraForgeError
 from ..model.files import read_json_object, shown
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
 from .config import LoraConfig, finite_number, positive_finite, positive_int
+from .experts import ExpertLora, expert_shape, peft_key_prefixes
 from .layer import LoraLinear, lora_weight_like
 from .model import (
     attach_lora,
@@ -27,6 +30,7 @@ from .model import (
     lora_layers,
     registry,
     require_lora,
+    target_parameter_paths,
 )
 
 log = logging.getLogger("loraforge")
@@ -41,7 +45,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # error, never silently ignored. Any other key (PEFT grows new ones) gets a warning, but only when it is
 # set to something (PEFT writes every option, almost all of them null or false).
 READ_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
-             "alpha_pattern"}
+             "alpha_pattern", "target_parameters"}
 INERT_KEYS = {
     "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
     "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
@@ -56,7 +60,6 @@ REFUSED_KEYS = {  # key -> (PEFT's "off" values, what it is)
     "modules_to_save": ((None, []), "fully trained extra modules"),
     "layer_replication": ((None, []), "replicated layers"),
     "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
-    "target_parameters": ((None, []), "LoRA on raw parameters, such as MoE experts and routers"),
     "use_qalora": ((False, None), "QA-LoRA"),
     "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
     "arrow_config": ((None,), "Arrow routing"),
@@ -86,11 +89,16 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_na
     model runs in (None keeps each tensor's own dtype; bf16 halves the file)."""
     reg = registry(model)
     cfg: LoraConfig = reg.configs[require_lora(model, name, "save as a LoRA adapter")]
-    tensors, targets = {}, set()
-    for path, layer in lora_layers(model):
-        if name in layer.lora_A:
-            for part, t in (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name])):
-                tensors[f"{PREFIX}{path}.{part}.weight"] = t.detach().to("cpu", dtype or t.dtype)
+    tensors, targets, params = {}, set(), {}
+    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora_A]
+    for path, layer in layers:
+        if isinstance(layer, ExpertLora):
+            params.setdefault(path.rpartition(".")[0], []).append(layer.param)
+    key_of = {f"{experts}.{p}": key for experts, ps in params.items() for p, key in peft_key_prefixes(experts, ps).items()}
+    for path, layer in layers:
+        for part, t in (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name])):
+            tensors[f"{PREFIX}{key_of.get(path, path)}.{part}.weight"] = t.detach().to("cpu", dtype or t.dtype)
+        if not isinstance(layer, ExpertLora):
             targets.add(path.rsplit(".", 1)[-1])
     config = {
         "peft_type": "LORA",
@@ -102,6 +110,8 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model_na
         # The resolved names, not "all-linear": vLLM and older PEFT only read a list.
         "target_modules": sorted(targets) if not isinstance(cfg.targets, str) or cfg.targets == "all-linear"
         else cfg.targets,
+        # the adapted expert weights by their last three names ("mlp.experts.down_proj"), sorted as PEFT writes
+        "target_parameters": sorted({".".join(p.split(".")[-3:]) for p in key_of}) or None,
         "use_rslora": cfg.use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -184,6 +194,7 @@ def lora_config_from_peft(raw: dict, where: str) -> LoraConfig:
             use_rslora=raw.get("use_rslora", False),
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},
+            target_parameters=raw.get("target_parameters"),
         )
     except LoraForgeError as e:
         raise LoraForgeError(f"{where}: {e}") from None
@@ -214,17 +225,22 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, ac
     cfg = lora_config_from_peft(raw, shown(path / CONFIG_FILE))
     name = name or path.resolve().name
     registry(model).check_new_name(name)
-    pairs = _lora_pairs(model, path, read_adapter_tensors(path), raw.get("base_model_name_or_path"))
+    try:
+        experts = expert_keys(model, target_parameter_paths(model, cfg.target_parameters, "target_parameters"))
+    except LoraForgeError as e:
+        raise LoraForgeError(f"{shown(path / CONFIG_FILE)}: {e}") from None
+    pairs = _lora_pairs(model, path, read_adapter_tensors(path), raw.get("base_model_name_or_path"), experts)
     # Ranks come from the tensors; alpha (and rsLoRA) from the config, with PEFT's per-module patterns.
     plan, weights = {}, shown(path / WEIGHTS_FILE)
     for mod, (A, B) in pairs.items():
         cfg_r, alpha = cfg.rank_alpha(mod)
+        r = A.shape[0] // expert_shape(model, mod)[0] if mod in experts.values() else A.shape[0]
         try:
             layer_scaling(model, mod, cfg, cfg_r, alpha)  # the config's own rank must fit the layer too
-            plan[mod] = (A.shape[0], layer_scaling(model, mod, cfg, A.shape[0], alpha))
+            plan[mod] = (r, layer_scaling(model, mod, cfg, r, alpha))
         except LoraForgeError as e:
             raise LoraForgeError(f"{weights}: {e}") from None
-        _check_update_fits(model.get_submodule(mod), mod, A, B, plan[mod][1], weights)
+        _check_update_fits(_weight_dtype(model, mod, experts), mod, A, B, r, plan[mod][1], weights)
     cfg.targets = sorted(pairs)
     attach_lora(model, name, _exact_targets(cfg), plan, activate=activate)
     try:
@@ -242,9 +258,31 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, ac
     return name
 
 
-def _lora_pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor],
-                base_name: str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (A [r, in], B [out, r])} from PEFT's keys, each checked against this model's layer."""
+def expert_keys(model: nn.Module, param_paths: list[str]) -> dict[str, str]:
+    """{the module path PEFT saves a stacked expert weight's LoRA under: that weight's path} (see
+    lora/experts.py's peft_key_prefixes)."""
+    by_experts: dict[str, list[str]] = {}
+    for p in param_paths:
+        experts, _, param = p.rpartition(".")
+        by_experts.setdefault(experts, []).append(param)
+    return {key: f"{experts}.{param}" for experts, params in by_experts.items()
+            for param, key in peft_key_prefixes(experts, params).items()}
+
+
+def _weight_dtype(model: nn.Module, mod: str, experts: dict[str, str]) -> torch.dtype:
+    """The dtype the layer (or stacked expert weight) at `mod` computes in."""
+    if mod in experts.values():
+        parent, _, param = mod.rpartition(".")
+        m = model.get_submodule(parent)
+        return ExpertLora(getattr(m, "base", m), param, registry(model)).base_weight_like().dtype
+    layer = model.get_submodule(mod)
+    return lora_weight_like(layer.base if isinstance(layer, LoraLinear) else layer).dtype
+
+
+def _lora_pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], base_name: str | None,
+                experts: dict[str, str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (A [r, in], B [out, r])} from PEFT's keys, each checked against this model's layer.
+    A stacked expert weight (`experts`: PEFT's key path -> its path) has A [r*E, in] and B [out, r*E]."""
     weights = shown(path / WEIGHTS_FILE)
     modules = set(linear_paths(model))
     found: dict[str, dict[str, torch.Tensor]] = {}
@@ -261,6 +299,9 @@ def _lora_pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor],
         raise LoraForgeError(f"{weights}: holds no LoRA weights")
     pairs = {}
     for mod, ab in found.items():
+        if mod in experts:
+            pairs[experts[mod]] = _expert_pair(model, path, experts[mod], ab, base_name)
+            continue
         if mod not in modules:
             raise LoraForgeError(
                 f"{shown(path)}: adapter targets {mod!r}, which this model does not have: it was made for another "
@@ -281,20 +322,37 @@ def _lora_pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor],
     return pairs
 
 
-def _check_update_fits(layer: nn.Module, mod: str, A: torch.Tensor, B: torch.Tensor, s: float, where: str) -> None:
+def _expert_pair(model: nn.Module, path: Path, param: str, ab: dict[str, torch.Tensor],
+                 base_name: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r*E, in], B [out, r*E]) of the stacked expert weight `param`, checked against its shape."""
+    if set(ab) != {"lora_A", "lora_B"}:
+        raise LoraForgeError(f"{shown(path / WEIGHTS_FILE)}: {param} has only {', '.join(ab)}")
+    A, B = ab["lora_A"], ab["lora_B"]
+    E, out_f, in_f = expert_shape(model, param)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1] \
+            or A.shape[0] % E:
+        raise LoraForgeError(
+            f"{shown(path)}: {param} ({E} experts) expects lora_A [r*{E}, {in_f}] and lora_B [{out_f}, r*{E}], the "
+            f"file has {list(A.shape)} and {list(B.shape)}: this adapter was made for another model "
+            f"({base_name or 'unknown'})"
+        )
+    return A, B
+
+
+def _check_update_fits(dtype: torch.dtype, mod: str, A: torch.Tensor, B: torch.Tensor, r: int, s: float,
+                       where: str) -> None:
     """Refuse an update s * B @ A whose entries could overflow the dtype the layer computes in.
 
     |s * (B @ A)[i, j]| <= s * r * max|B| * max|A|: a cheap bound that finite, sane adapters meet by many
     orders of magnitude, while alpha = 1e300 or weights near the dtype's limit would give inf (then NaN).
     """
-    dtype = lora_weight_like(layer.base if isinstance(layer, LoraLinear) else layer).dtype
     top = torch.finfo(dtype).max
     for t, part in ((A, "lora_A"), (B, "lora_B")):
         if t.abs().max().item() > top:
             raise LoraForgeError(f"{where}: {mod}.{part} has values beyond what {dtype} holds")
-    bound = s * A.shape[0] * A.abs().max().item() * B.abs().max().item()
+    bound = s * r * A.abs().max().item() * B.abs().max().item()
     if not math.isfinite(bound) or bound > top:
-        raise LoraForgeError(f"{where}: the update of {mod} (scaling {s:.3g} x rank {A.shape[0]} x the largest A "
+        raise LoraForgeError(f"{where}: the update of {mod} (scaling {s:.3g} x rank {r} x the largest A "
                              f"and B entries) could reach {bound:.3g}, beyond what {dtype} holds")
 
 
@@ -316,6 +374,8 @@ def adapter_info(path: str | Path) -> dict:
     if raw.get("peft_type") == "LORA":
         info.update(rank=raw.get("r"), alpha=raw.get("lora_alpha"), targets=raw.get("target_modules"),
                     use_rslora=raw.get("use_rslora", False))
+        if raw.get("target_parameters"):
+            info["target_parameters"] = raw["target_parameters"]
     elif raw.get("peft_type") == "PREFIX_TUNING":
         info.update(num_virtual_tokens=raw.get("num_virtual_tokens"))
     return info

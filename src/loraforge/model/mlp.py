@@ -64,7 +64,10 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """E gated MLPs stored as two stacked tensors, or (QLoRA) as one frozen quantized linear per expert and
-    projection (``gate_up_proj.e``, ``down_proj.e``: see model/experts_io.py's quantize_experts)."""
+    projection (``gate_up_proj.e``, ``down_proj.e``: see model/experts_io.py's quantize_experts).
+
+    ``delta``, when given, adds an adapter's low-rank term to a projection's output: ``delta(name, e, x)``
+    returns [n, out] or None (lora/experts.py's LoraExperts passes it; the plain model has none)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,14 +76,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(E, h, i))
 
-    def forward(self, x: Tensor, e: int) -> Tensor:
-        # x: [n, hidden] tokens routed to expert e -> [n, hidden]
-        gate, up = self._proj(self.gate_up_proj, e, x).chunk(2, dim=-1)  # [n, I] each
-        return self._proj(self.down_proj, e, gated(self.kind, gate, up))
+    def forward(self, x: Tensor, e: int, adapter_ids: Tensor | None = None, delta=None) -> Tensor:  # noqa: ARG002
+        # x: [n, hidden] tokens routed to expert e -> [n, hidden]; adapter_ids: [n] (only a wrapper reads them)
+        gate, up = self._proj("gate_up_proj", e, x, delta).chunk(2, dim=-1)  # [n, I] each
+        return self._proj("down_proj", e, gated(self.kind, gate, up), delta)
 
-    @staticmethod
-    def _proj(w: Tensor | nn.ModuleList, e: int, x: Tensor) -> Tensor:
-        return w[e](x) if isinstance(w, nn.ModuleList) else F.linear(x, w[e])
+    def _proj(self, name: str, e: int, x: Tensor, delta) -> Tensor:
+        w = getattr(self, name)
+        y = w[e](x) if isinstance(w, nn.ModuleList) else F.linear(x, w[e])  # [n, out]
+        d = None if delta is None else delta(name, e, x)
+        return y if d is None else y + d.to(y.dtype)
 
 
 class MoE(nn.Module):
@@ -94,6 +99,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
 
     def forward(self, x: Tensor, adapter_ids: Tensor | None = None, recompute: bool = False) -> Tensor:  # noqa: ARG002
+        """x: [B, S, H]; adapter_ids: [B] per-row adapters (expert LoRA reads them per token)."""
         B, S, H = x.shape
         x2 = x.reshape(-1, H)  # [N, H]
         probs = self.gate(x2).softmax(-1, dtype=torch.float32)  # [N, E]
@@ -101,8 +107,12 @@ class MoE(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
+        # per-token adapter ids, only for an adapter wrapper around the experts (ids may come on the CPU)
+        plain = adapter_ids is None or isinstance(self.experts, Experts)
+        token_ids = None if plain else adapter_ids.to(x.device).repeat_interleave(S)  # [N]
         out = torch.zeros_like(x2)
         for e in chosen.unique().tolist():
             token, slot = (chosen == e).nonzero(as_tuple=True)  # the tokens that chose e, and in which slot
-            out = out.index_add(0, token, self.experts(x2[token], e) * weights[token, slot, None])
+            ids = None if token_ids is None else token_ids[token]
+            out = out.index_add(0, token, self.experts(x2[token], e, ids) * weights[token, slot, None])
         return out.view(B, S, H)
