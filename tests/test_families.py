@@ -112,8 +112,8 @@ def test_peft_adapter_loaded_by_us_gives_peft_logits(family, tmp_path):
     from peft import get_peft_model
 
     name, folder, hf = family
-    # PEFT's all-linear on a MoE model also adapts the router and the experts (target_parameters), which
-    # loraforge does not; there the attention projections are the targets.
+    # PEFT's all-linear on a MoE model also adapts the router (target_parameters), which loraforge refuses;
+    # there the attention projections are the targets (expert adapters: tests/test_moe_lora.py).
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if name in MOE else "all-linear"
     pm = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
     try:

@@ -10,7 +10,9 @@ from torch import nn
 
 from ..errors import LoraForgeError
 from ..model.config import ARCHITECTURES
+from ..model.mlp import Experts
 from ..paths import atomic_dir, atomic_write_json, check_output_dir, save_safetensors
+from .experts import EXPERT_PARAMS, LoraExperts
 from .layer import LoraLinear
 from .model import registry
 
@@ -28,6 +30,28 @@ def merged_state_dict(model: nn.Module, adapter: str | None) -> tuple[dict[str, 
     quantized = False
     handled: set[str] = set()
     for path, m in model.named_modules():
+        if any(path.startswith(h + ".") for h in handled):
+            continue  # inside stacked experts written whole (their per-expert quantized linears)
+        if isinstance(m, LoraExperts):
+            path_out = path
+            handled.add(path)
+            for param in EXPERT_PARAMS:
+                w, q = _expert_weight(m.base, param)
+                quantized |= q
+                lora = m._modules.get(param)
+                if lora is not None and adapter in lora.lora_A and registry(model).merged != adapter:
+                    w = w + lora.delta_weight(adapter).to(w.dtype)
+                if not torch.isfinite(w).all():
+                    raise LoraForgeError(f"refusing to export: {path_out}.{param} has non-finite merged weights")
+                out[f"{path_out}.{param}"] = w.cpu()
+            continue
+        if isinstance(m, Experts):  # no adapter on them, but maybe quantized: written stacked, as in memory
+            handled.add(path)
+            for param in EXPERT_PARAMS:
+                w, q = _expert_weight(m, param)
+                quantized |= q
+                out[f"{path}.{param}"] = w.cpu()
+            continue
         if isinstance(m, LoraLinear):
             base = m.base
             path_base = path
@@ -64,6 +88,15 @@ def merged_state_dict(model: nn.Module, adapter: str | None) -> tuple[dict[str, 
     if quantized:  # a quantized base means the rest should leave in fp32 too, not the compute dtype
         out = {k: (v.float() if v.is_floating_point() else v) for k, v in out.items()}
     return out, quantized
+
+
+def _expert_weight(experts: Experts, param: str) -> tuple[torch.Tensor, bool]:
+    """A stacked expert weight [E, out, in] (dequantized to fp32 from per-expert QLoRA codes), and whether
+    it was quantized."""
+    w = getattr(experts, param)
+    if isinstance(w, nn.ModuleList):
+        return torch.stack([q.dequantize(torch.float32) for q in w]), True
+    return w.detach().clone(), False
 
 
 def write_merged_folder(model: nn.Module, tokenizer, out_dir: str | Path, adapter: str | None = None, *,
