@@ -244,3 +244,31 @@ def test_expert_lora_config_errors(moe):
     with pytest.raises(LoraForgeError, match=r"rank 33 for model.layers.0.mlp.experts.gate_up_proj is outside 1..32"):
         add_lora(model, "r", LoraConfig(r=33, dropout=0.0, targets=[], target_parameters=EXPERTS))
     assert not any("lora" in k for k in model.state_dict())  # untouched
+
+
+def test_cli_merge_of_peft_expert_adapter_gives_peft_logits(tmp_path, smol_folder):
+    """`loraforge merge` folds PEFT's expert adapter into a folder transformers loads with PEFT's logits, as
+    a user would (one family: a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf = build("qwen3_moe", tmp_path / "m", smol_folder, vocab_size=49152)  # the real tokenizer's ids
+    pm = get_peft_model(hf, PeftLoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS,
+                                           init_lora_weights=False)).eval()
+    pm.save_pretrained(str(tmp_path / "a"))
+    x = torch.randint(3, 49152, (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        theirs = pm(x).logits
+
+    r = subprocess.run([sys.executable, "-m", "loraforge", "merge", "--model", str(tmp_path / "m"), "--adapter",
+                        str(tmp_path / "a"), "--out", str(tmp_path / "merged"), "--device", "cpu", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert_logits_close(merged(x).logits, theirs)
