@@ -272,3 +272,31 @@ def test_cli_merge_of_peft_expert_adapter_gives_peft_logits(tmp_path, smol_folde
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
         assert_logits_close(merged(x).logits, theirs)
+
+
+def test_engine_serves_expert_adapters_in_one_batch(moe, tmp_path):
+    """Continuous batching with two expert adapters and the base in one batch: each row's greedy tokens
+    equal its adapter run alone."""
+    from loraforge.generate import SamplingParams, generate_ids
+    from loraforge.serve.engine import Engine
+
+    _, folder, _ = moe
+    model, tok = load_model(str(folder), device="cpu", dtype="float32")
+    for i, a in enumerate(("a", "b")):
+        add_lora(model, a, LoraConfig(r=2, alpha=4, dropout=0.0, targets=[], target_parameters=EXPERTS))
+        randomize_adapter(model, a, seed=20 + i, std=0.3)
+        save_adapter(model, a, tmp_path / a)
+    engine = Engine(load_model(str(folder), device="cpu", dtype="float32")[0], tok, max_batch=3, max_len=64)
+    for a in ("a", "b"):
+        engine.load_adapter(a, tmp_path / a)
+    sp = SamplingParams(max_new_tokens=8, min_tokens=8)
+    prompts = [ids(1, L, seed=40 + L)[0].tolist() for L in (3, 7, 5)]
+    names = ["a", None, "b"]
+    got = [c.token_ids for c in engine.generate(prompts, sp, names)]
+    alone = []
+    for p, a in zip(prompts, names, strict=True):
+        set_adapter(model, a)
+        alone.append(generate_ids(model, [p], sp, eos_ids={2})[0])
+    assert got == alone
+    set_adapter(model, None)
+    assert generate_ids(model, [prompts[0]], sp, eos_ids={2})[0] != alone[0]  # adapter a changes the text
