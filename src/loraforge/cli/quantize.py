@@ -14,7 +14,10 @@ EPILOG = """\
 The copy loads with `--model DIR` without re-quantizing, and gives the same outputs as `--quantize` on
 the original. NF4/FP4 folders use the bitsandbytes layout, so transformers + bitsandbytes load them
 too. Every linear layer but lm_head is quantized; embeddings, norms and biases are kept as they are
-(--dtype casts them, and becomes the compute dtype recorded in config.json).
+(--dtype casts them, and becomes the compute dtype recorded in config.json). MoE models (Mixtral,
+Qwen3-MoE): the experts are quantized too, one weight per expert, the router never; transformers +
+bitsandbytes keep experts in full precision and cannot read these, so the folder is loraforge's own
+(transformers refuses it, as it refuses int8).
 """
 
 
@@ -35,7 +38,7 @@ def register(p):
 
 
 def run(args) -> int:
-    from ..model.loading import DTYPES, resolve_source, weight_files
+    from ..model.loading import DTYPES, read_config, resolve_source, weight_files
     from ..paths import check_output_dir
     from ..quant.checkpoint import QuantSpec
     from ..quant.export import write_quantized_model
@@ -50,4 +53,7 @@ def run(args) -> int:
     after = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     log.info("wrote %s model to %s: weights %.1f MB -> %.1f MB (%.1fs); load it with --model %s",
              spec.quant_type, out, before / 1e6, after / 1e6, time.perf_counter() - t0, out)
+    if read_config(Path(out)).num_experts:
+        log.info("the MoE experts are quantized too (the routers are not): loraforge loads this folder, "
+                 "transformers + bitsandbytes cannot (they have no quantized experts)")
     return 0

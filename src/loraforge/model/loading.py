@@ -34,7 +34,14 @@ from .budget import check_fits
 from .config import ModelConfig
 from .decoder import CausalLM
 from .embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, converted_folder, embedded_gguf
-from .experts_io import expert_part, quantize_experts, renamed, stack_experts
+from .experts_io import (
+    expert_part,
+    quantize_experts,
+    renamed,
+    stack_experts,
+    stored_expert,
+    use_quant_experts,
+)
 from .files import INDEX_FILE, read_json_object, shard_files, shown, source_record
 from .linear import Linear
 from .precision import DTYPES, resolve_precision  # noqa: F401  (DTYPES: cli/quantize)
@@ -173,8 +180,9 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 
 def _quantization(model: nn.Module, cfg: ModelConfig, folder: Path, stored: dict[str, str],
-                  quantize: str | None, dt: torch.dtype) -> tuple[QuantSpec | None, set[str]]:
-    """Turn the linears that will hold quantized weights into QuantLinear placeholders.
+                  quantize: str | None, dt: torch.dtype, shapes: dict) -> tuple[QuantSpec | None, set[str]]:
+    """Turn the linears that will hold quantized weights into QuantLinear placeholders (pre-quantized
+    experts: one per expert, their shapes entered in `shapes` in place of the stacked weight's).
 
     Returns (spec, weights to quantize on load). A pre-quantized checkpoint (its tensors say which
     weights are stored quantized, config.json's quantization_config must agree) is read as it is;
@@ -193,13 +201,18 @@ def _quantization(model: nn.Module, cfg: ModelConfig, folder: Path, stored: dict
                 f"{quantize} would add a second rounding error. Drop --quantize, or quantize the full-precision model"
             )
         linears = dict(model.named_modules())
-        for name in stored:
+        experts = [n for n in stored if stored_expert(n) is not None]  # MoE experts, one weight per expert
+        for name in set(stored) - set(experts):
             mod = name.removesuffix(".weight")
             tied_head = cfg.tie_word_embeddings and mod == "lm_head"  # it is the embedding, never quantized
             if not name.endswith(".weight") or not isinstance(linears.get(mod), nn.Linear) or tied_head:
                 raise LoraForgeError(f"{folder}: {name} is stored quantized, but it is not the weight of a linear layer")
-        use_quant_linears(model, [n.removesuffix(".weight") for n in stored], declared or QuantSpec(kinds[0]), dt)
-        return declared or QuantSpec(kinds[0]), set()
+        spec = declared or QuantSpec(kinds[0])
+        use_quant_linears(model, [n.removesuffix(".weight") for n in stored if n not in experts], spec, dt)
+        for name, shape in use_quant_experts(model, experts, spec, dt, str(folder)).items():
+            shapes[name] = shape
+            shapes.pop(name.rsplit(".", 2)[0], None)  # the stacked [E, out, in] weight they replace
+        return spec, set()
     if quantize is None:
         return None, set()
     spec = QuantSpec(quantize)  # NF4 defaults to QLoRA's blocks of 64 with double quantization
@@ -238,7 +251,7 @@ def load_model(
     with contextlib.ExitStack() as stack:
         reader = WeightReader(weight_files(source.folder), stack)
         stored = stored_quantized(reader.file_of)
-        spec, on_load = _quantization(model, cfg, source.folder, stored, quantize, dt)
+        spec, on_load = _quantization(model, cfg, source.folder, stored, quantize, dt, shapes)
         owner = {key: group_of(key, stored) for key in reader.file_of} if stored else {}
         members: dict[str, list[str]] = {}  # stored quantized weight -> the names of its tensors
         experts: dict[tuple[str, int, str], torch.Tensor] = {}  # MoE: (layer, expert, part) -> its weight

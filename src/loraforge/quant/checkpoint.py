@@ -94,18 +94,20 @@ def group_of(key: str, stored: dict[str, str]) -> str | None:
 # -- quantization_config in config.json ----------------------------------------------------------
 
 
-def quantization_config(spec: QuantSpec, compute_dtype: torch.dtype) -> dict:
+def quantization_config(spec: QuantSpec, compute_dtype: torch.dtype, own: bool = False) -> dict:
     """The `quantization_config` entry of config.json for a folder quantized with `spec`.
 
     For NF4/FP4 it is what transformers writes for `BitsAndBytesConfig(load_in_4bit=True, ...)`, so
     `AutoModelForCausalLM.from_pretrained` loads the folder with bitsandbytes. The block size is not
-    part of it: bitsandbytes reads it from each weight's quant_state JSON, as we do.
+    part of it: bitsandbytes reads it from each weight's quant_state JSON, as we do. INT8, and `own`
+    folders (MoE experts stored quantized, which transformers reads as missing weights), name loraforge
+    as the method: transformers then refuses the folder instead of loading it wrongly.
     """
     dtype_name = str(compute_dtype).removeprefix("torch.")
-    if spec.quant_type == "int8":
+    if spec.quant_type == "int8" or own:
         return {
             "quant_method": "loraforge",
-            "quant_type": "int8",
+            "quant_type": spec.quant_type,
             "blocksize": spec.blocksize,
             "double_quant": spec.double_quant,
             "compute_dtype": dtype_name,

@@ -2,7 +2,10 @@
 
 The copy loads without re-quantizing (`load_model` reads the codes as they are) and gives exactly
 the outputs of quantizing on load, because both quantize the same float tensors with the same code.
-NF4 / FP4 folders are also what transformers + bitsandbytes read (checkpoint.py has the layout).
+NF4 / FP4 folders are also what transformers + bitsandbytes read (checkpoint.py has the layout), except
+for MoE models: their experts are quantized too, one weight per expert as QLoRA quantizes them on load,
+which transformers + bitsandbytes cannot read (they keep experts in full precision), so such a folder
+names loraforge as its quantization method and transformers refuses it.
 """
 
 import contextlib
@@ -45,6 +48,7 @@ def write_quantized_model(
     model's own folder.
     """
     from loraforge.model.decoder import CausalLM
+    from loraforge.model.experts_io import expert_part, stack_experts
     from loraforge.model.loading import (
         WeightReader,
         load_tokenizer,
@@ -66,6 +70,9 @@ def write_quantized_model(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tensors: dict[str, torch.Tensor] = {}
     float_dtypes: set[torch.dtype] = set()
+    # MoE: each layer's per-expert weights, stacked and quantized as QLoRA on load does once the layer is whole
+    experts: dict[str, dict] = {}
+    stacked = {n: tuple(p.shape) for n, p in model.named_parameters() if ".experts." in n}
     with contextlib.ExitStack() as stack:
         reader = WeightReader(weight_files(source.folder), stack)
         if stored_quantized(reader.file_of):
@@ -80,10 +87,18 @@ def write_quantized_model(
         for key, file in reader.file_of.items():
             if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and key == "lm_head.weight"):
                 continue
+            part = expert_part(key) if cfg.num_experts else None
             # weights to quantize are copied out and dropped (see WeightReader.read); the rest is kept
-            t = reader.read(key) if key in shapes else reader.get(key)
+            t = reader.read(key) if key in shapes or part else reader.get(key)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
+            if part is not None:
+                layer = experts.setdefault(part[0], {})
+                layer[part] = t
+                if len(layer) == 3 * cfg.num_experts:
+                    tensors.update(_quantized_experts(stack_experts(experts.pop(part[0]), cfg.num_experts,
+                                                                    str(file)), stacked, spec, dev, file))
+                continue
             if key not in shapes:
                 tensors[key] = t
                 if t.is_floating_point():
@@ -95,9 +110,12 @@ def write_quantized_model(
                 )
             state = quantize_weight(t.to(dev), spec)
             tensors.update({k: v.cpu() for k, v in state_to_tensors(state, key).items()})
+    if experts:  # a layer with some experts' weights missing: stack_experts names the first
+        stack_experts(next(iter(experts.values())), cfg.num_experts, str(source.folder))
     compute_dtype = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
     config = dict(cfg.hf_config)
-    config["quantization_config"] = quantization_config(spec, compute_dtype)
+    # MoE experts stored quantized are loraforge's layout (model/experts_io.py): transformers must refuse it
+    config["quantization_config"] = quantization_config(spec, compute_dtype, own=bool(cfg.num_experts))
     if dtype is not None:
         config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     tokenizer = load_tokenizer(source.folder)
@@ -118,6 +136,21 @@ def write_quantized_model(
             },
         )
     return out_dir
+
+
+def _quantized_experts(weights: dict[str, torch.Tensor], shapes: dict[str, tuple], spec: QuantSpec, dev,
+                       file) -> dict[str, torch.Tensor]:
+    """One layer's stacked expert weights ({...mlp.experts.gate_up_proj: [E, out, in]}) as the serialized
+    quantized weight of each expert, ``...mlp.experts.gate_up_proj.e.weight`` (model/experts_io.py)."""
+    out = {}
+    for name, w in weights.items():
+        if tuple(w.shape) != shapes.get(name):
+            raise LoraForgeError(f"{file}: the experts of {name} stack to {tuple(w.shape)}, config.json implies "
+                                 f"{shapes.get(name)}")
+        for e in range(w.shape[0]):
+            state = quantize_weight(w[e].to(dev), spec)
+            out.update({k: v.cpu() for k, v in state_to_tensors(state, f"{name}.{e}.weight").items()})
+    return out
 
 
 __all__ = ["write_quantized_model"]
