@@ -55,10 +55,7 @@ class ExpertLora(nn.Module):
     @property
     def shape(self) -> tuple[int, int, int]:
         """(E, out, in)."""
-        w = self.stacked()
-        if isinstance(w, nn.ModuleList):
-            return len(w), w[0].out_features, w[0].in_features
-        return tuple(w.shape)
+        return stacked_shape(self.stacked())
 
     @property
     def in_features(self) -> int:
@@ -69,8 +66,7 @@ class ExpertLora(nn.Module):
         return self.shape[1]
 
     def base_weight_like(self) -> Tensor:
-        w = self.stacked()
-        return lora_weight_like(w[0]) if isinstance(w, nn.ModuleList) else w
+        return stacked_weight_like(self.stacked())
 
     # -- adapters -----------------------------------------------------------------------------------------
     def add(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming") -> None:
@@ -157,6 +153,25 @@ class LoraExperts(nn.Module):
         return None if layer is None else layer.delta(e, x, adapter_ids)
 
 
+def stacked_shape(w: Tensor | nn.ModuleList) -> tuple[int, int, int]:
+    """(E, out, in) of a stacked expert weight, or of its per-expert quantized linears."""
+    if isinstance(w, nn.ModuleList):
+        return len(w), w[0].out_features, w[0].in_features
+    return tuple(w.shape)
+
+
+def stacked_weight_like(w: Tensor | nn.ModuleList) -> Tensor:
+    """A tensor with the dtype/device LoRA weights on this stacked expert weight should have."""
+    return lora_weight_like(w[0]) if isinstance(w, nn.ModuleList) else w
+
+
+def expert_weight(model: nn.Module, path: str) -> Tensor | nn.ModuleList:
+    """The stacked expert weight at `path` (``...mlp.experts.gate_up_proj``), adapted or not."""
+    parent, _, param = path.rpartition(".")
+    m = model.get_submodule(parent)
+    return getattr(m.base if isinstance(m, LoraExperts) else m, param)
+
+
 def expert_param_paths(model: nn.Module) -> list[str]:
     """Every stacked expert weight LoRA can target, by its transformers/PEFT name (``...mlp.experts.down_proj``)."""
     out = []
@@ -186,10 +201,7 @@ def is_expert_param(model: nn.Module, path: str) -> bool:
 
 def expert_shape(model: nn.Module, path: str) -> tuple[int, int, int]:
     """(E, out, in) of the stacked expert weight at `path`."""
-    parent, _, param = path.rpartition(".")
-    m = model.get_submodule(parent)
-    experts = m.base if isinstance(m, LoraExperts) else m
-    return ExpertLora(experts, param, AdapterRegistry()).shape
+    return stacked_shape(expert_weight(model, path))
 
 
 def expert_layer(model: nn.Module, path: str, registry: AdapterRegistry) -> ExpertLora:

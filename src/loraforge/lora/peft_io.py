@@ -20,7 +20,7 @@ from ..errors import LoraForgeError
 from ..model.files import read_json_object, shown
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
 from .config import LoraConfig, finite_number, positive_finite, positive_int
-from .experts import ExpertLora, expert_shape, peft_key_prefixes
+from .experts import ExpertLora, expert_shape, expert_weight, peft_key_prefixes, stacked_weight_like
 from .layer import LoraLinear, lora_weight_like
 from .model import (
     attach_lora,
@@ -272,9 +272,7 @@ def expert_keys(model: nn.Module, param_paths: list[str]) -> dict[str, str]:
 def _weight_dtype(model: nn.Module, mod: str, experts: dict[str, str]) -> torch.dtype:
     """The dtype the layer (or stacked expert weight) at `mod` computes in."""
     if mod in experts.values():
-        parent, _, param = mod.rpartition(".")
-        m = model.get_submodule(parent)
-        return ExpertLora(getattr(m, "base", m), param, registry(model)).base_weight_like().dtype
+        return stacked_weight_like(expert_weight(model, mod)).dtype
     layer = model.get_submodule(mod)
     return lora_weight_like(layer.base if isinstance(layer, LoraLinear) else layer).dtype
 
