@@ -300,3 +300,19 @@ def test_engine_serves_expert_adapters_in_one_batch(moe, tmp_path):
     assert got == alone
     set_adapter(model, None)
     assert generate_ids(model, [prompts[0]], sp, eos_ids={2})[0] != alone[0]  # adapter a changes the text
+
+
+def test_expert_weights_without_target_parameters_are_refused(moe, tmp_path):
+    """An adapter whose config lost target_parameters: the expert tensors are named, the model untouched."""
+    _, folder, _ = moe
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    add_lora(model, "e", LoraConfig(r=2, alpha=4, dropout=0.0, targets=["q_proj"], target_parameters=EXPERTS))
+    save_adapter(model, "e", tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
+    del cfg["target_parameters"]
+    (tmp_path / "e" / "adapter_config.json").write_text(json.dumps(cfg))
+    fresh, _ = load_model(str(folder), device="cpu", dtype="float32")
+    with pytest.raises(LoraForgeError, match=r"holds LoRA weights of MoE experts \(model.layers.0.mlp.experts.*\) "
+                                             r"that adapter_config.json's target_parameters does not name"):
+        load_adapter(fresh, tmp_path / "e")
+    assert not any("lora" in k for k in fresh.state_dict())

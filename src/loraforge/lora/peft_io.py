@@ -300,6 +300,9 @@ def _lora_pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], 
         if mod in experts:
             pairs[experts[mod]] = _expert_pair(model, path, experts[mod], ab, base_name)
             continue
+        if mod not in modules and (mod.endswith(".experts") or ".experts.base_layer" in mod):
+            raise LoraForgeError(f"{weights}: holds LoRA weights of MoE experts ({mod}) that {CONFIG_FILE}'s "
+                                 "target_parameters does not name")
         if mod not in modules:
             raise LoraForgeError(
                 f"{shown(path)}: adapter targets {mod!r}, which this model does not have: it was made for another "
