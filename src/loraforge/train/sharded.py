@@ -121,6 +121,10 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return obj
         elif (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        elif (module, name) == ("torch.serialization", "_get_layout"):  # "torch.strided" -> torch.strided
+            from torch.serialization import _get_layout
+
+            return _get_layout
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
 
 
