@@ -208,15 +208,11 @@ def test_resume_refuses_another_global_batch(data, tiny_folder, tmp_path):
 
 def test_killed_rank_stops_the_job_with_one_line_and_the_checkpoint_resumes(data, tiny_folder, tmp_path):
     """`loraforge train --nproc 2` as a user runs it: rank 1 is SIGKILLed right after checkpoint 2; the job
-    ends with one line naming the intact checkpoint, and `--resume` on 2 processes finishes the run to the
-    adapter an uninterrupted 1-process run writes."""
+    ends with one line naming the intact checkpoint, and `--resume` on 2 processes finishes the run (that
+    resuming gives the uninterrupted run's adapter is test_resume_across_process_counts')."""
     args = [str(data), "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32", "--rank", "4",
             "--alpha", "8", "--dropout", "0", "--max-steps", "4", "--lr", "1e-2", "--eval-every", "0",
             "--save-every", "2", "--max-len", "96", "--seed", "1", "--no-progress"]
-    ref = tmp_path / "ref"
-    [(code, msg)] = run_ranks(1, cfg_for(data, tiny_folder, ref, max_steps=4))
-    assert code == 0, msg
-
     out = tmp_path / "run"
 
     def cli(*extra, env=None):
@@ -238,7 +234,7 @@ def test_killed_rank_stops_the_job_with_one_line_and_the_checkpoint_resumes(data
     assert resumed.stdout.strip().splitlines() == [str(out)]  # printed once, by rank 0
     assert resumed.stderr.count("resuming from") == 1  # logged once, by rank 0
     assert "global batch 4 = batch 2 x 2 processes x 1 accumulation" in resumed.stderr
-    assert_same_adapter(ref, out)
+    assert [s for s, _ in checkpoints(out)][-1] == 4 and (out / "adapter_model.safetensors").is_file()
 
 
 def test_a_rank_data_error_names_the_file_and_line(tiny_folder, tmp_path):

@@ -44,8 +44,10 @@ def launch(argv: list[str], nproc: int, out: Path) -> int:
     try:
         torchrun(args)
     except ChildFailedError as e:
-        # the one that started it: killed by a signal, else the first to fail (the others stop after it)
-        rank, failure = min(e.failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+        # the one that started it: not one torchrun itself stopped (SIGTERM) after another failed; killed by a
+        # signal rather than exiting; the first
+        rank, failure = min(e.failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM,
+                                                                kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
         code = failure.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         from .checkpoint import latest_checkpoint

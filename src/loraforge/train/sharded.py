@@ -121,6 +121,10 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return obj
         elif (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        elif module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+            import pathlib  # the checkpoint's own folder, recorded in the index
+
+            return getattr(pathlib, name)
         elif (module, name) == ("torch.serialization", "_get_layout"):  # "torch.strided" -> torch.strided
             from torch.serialization import _get_layout
 
