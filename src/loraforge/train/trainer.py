@@ -202,10 +202,11 @@ class _Run:
                 t0 = time.perf_counter()
                 lr, grad_norm, n_tokens = self.train_step()
                 dt = time.perf_counter() - t0
+                mem = self.memory()
                 if self.dist.main:
                     self.metrics.append({"step": self.step, "epoch": round(self.epoch(), 4), "loss": self.loss, "lr": lr,
                                          "grad_norm": grad_norm, "tokens": self.tokens,
-                                         "tokens_per_s": round(n_tokens / dt, 1)})
+                                         "tokens_per_s": round(n_tokens / dt, 1), **mem})
                 bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}", refresh=False)
                 bar.update(1)  # redraws, postfix included
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -337,6 +338,16 @@ class _Run:
         if os.environ.get(KILL_ENV) == str(self.step) and os.environ.get(KILL_RANK_ENV, str(self.dist.rank)) == str(
                 self.dist.rank):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def memory(self) -> dict[str, list[int]]:
+        """Each rank's resident memory now and at its peak, in MiB (what sharding saves shows here)."""
+        from ..procstat import rss_bytes
+
+        mem, n = rss_bytes(), self.dist.world
+        mine = [0.0] * (2 * n)
+        mine[self.dist.rank], mine[n + self.dist.rank] = mem["rss"] / 2**20, mem["peak"] / 2**20
+        total = self.dist.sum(mine)
+        return {"rss_mb": [round(v) for v in total[:n]], "peak_rss_mb": [round(v) for v in total[n:]]}
 
     def save_adapter_to(self, folder: Path) -> None:
         """Rank 0 writes the adapter (every rank takes part in gathering sharded tensors)."""
