@@ -125,14 +125,17 @@ def one_process(data, tiny_folder, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize(("strategy", "method"), [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "qlora"),
-                                                  ("ddp", "prefix"), ("fsdp", "prefix")])
-def test_two_processes_train_the_adapter_one_process_trains(strategy, method, data, tiny_folder, tmp_path,
-                                                            one_process):
-    """Batch 2 on each of 2 processes = batch 4 on one: the same global batches, the loss normalised by the
-    global token count (not a mean of the ranks' means), gradients summed over ranks."""
+@pytest.mark.parametrize(("strategy", "method", "batch", "accum"), [
+    ("ddp", "lora", 2, 1), ("fsdp", "lora", 1, 2), ("fsdp", "qlora", 2, 1), ("ddp", "qlora", 1, 2),
+    ("ddp", "prefix", 2, 1), ("fsdp", "prefix", 2, 1)])
+def test_two_processes_train_the_adapter_one_process_trains(strategy, method, batch, accum, data, tiny_folder,
+                                                            tmp_path, one_process):
+    """2 processes x batch 2 (or x batch 1 x 2 accumulated micro-batches) = batch 4 on one process: the same
+    global batches, the loss normalised by the global token count (not a mean of the ranks' means),
+    gradients summed over ranks, and over micro-batches without a sync in between."""
     out = tmp_path / "two"
-    results = run_ranks(2, cfg_for(data, tiny_folder, out, method=method, batch_size=2, strategy=strategy))
+    results = run_ranks(2, cfg_for(data, tiny_folder, out, method=method, batch_size=batch, grad_accum=accum,
+                                   strategy=strategy))
     assert results == [(0, "ok"), (0, "ok")]
     assert_same_adapter(one_process(method), out)
     # the step log is rank 0's alone, and counts the tokens of both ranks

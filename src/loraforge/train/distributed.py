@@ -79,6 +79,9 @@ def setup(device: str | None) -> tuple[Dist, str | None, bool]:
         return dist, device, False
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if cuda:
+        if dist.local_rank >= torch.cuda.device_count():
+            raise LoraForgeError(f"LOCAL_RANK {dist.local_rank}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                 "one per process is needed; start fewer processes per machine, or pass --device cpu")
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
     if torch.distributed.is_initialized():
