@@ -106,7 +106,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     ta, tb = adapter(a), adapter(b)
     assert ta.keys() == tb.keys()
     for k in ta:
-        torch.testing.assert_close(tb[k], ta[k], atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(tb[k], ta[k], atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
