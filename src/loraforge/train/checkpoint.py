@@ -121,7 +121,7 @@ def save_checkpoint(
     and writes its shards, and rank 0 the rest."""
     dest = Path(out) / CHECKPOINTS / f"step-{step}"
     if dist is not None and dist.active:
-        _save_sharded(dest, params, optimizer, state, dist)
+        _save_sharded(dest, step, params, optimizer, state, dist)
         if dist.main:
             _prune(out, keep)
         dist.barrier()  # no rank goes on (or gets killed by a test) before the checkpoint is in place
@@ -135,7 +135,7 @@ def save_checkpoint(
     return dest
 
 
-def _save_sharded(dest: Path, params, optimizer, state: dict[str, Any], dist) -> None:
+def _save_sharded(dest: Path, step: int, params, optimizer, state: dict[str, Any], dist) -> None:
     with contextlib.ExitStack() as stack:
         # rank 0 owns the folder (made beside dest, renamed into place at the end); the others write into it
         tmp = stack.enter_context(atomic_dir(dest)) if dist.main else None
@@ -144,8 +144,8 @@ def _save_sharded(dest: Path, params, optimizer, state: dict[str, Any], dist) ->
         save_safetensors(torch_rng_state(), tmp / sharded.rng_file(dist.rank))
         dist.barrier()
         if dist.main:  # state.json last: it marks the checkpoint complete
-            atomic_write_json(tmp / "state.json", {**state, "step": int(dest.name.split("-")[1]),
-                                                   "processes": dist.world, "python_rng": python_rng_state()})
+            atomic_write_json(tmp / "state.json", {**state, "step": step, "processes": dist.world,
+                                                    "python_rng": python_rng_state()})
 
 
 def _prune(out: Path, keep: int) -> None:
