@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     setup_logging(args.verbose, args.quiet)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs this command line
     import threading
 
     previous = None

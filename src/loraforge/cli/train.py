@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger("loraforge")
 
@@ -30,6 +31,12 @@ def register(p):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
     p.add_argument("--no-progress", action="store_true", default=S,
                    help="no progress bar (otherwise shown when stderr is a terminal)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes on this machine (re-runs this command through torch.distributed.run; "
+                        "for several machines run `torchrun --nnodes ... -m loraforge train ...` yourself)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default=S,
+                   help="with several processes: ddp replicates the model on each; fsdp (FSDP2) shards the base, "
+                        "NF4 codes included, and the adapter across them" + dflt(d.strategy))
 
     g = p.add_argument_group("model and method")
     g.add_argument("--model", metavar="SRC", default=S,
@@ -126,8 +133,17 @@ def run(args) -> int:
     from ..train import train
 
     cfg = config_from_args(args)
+    if args.nproc < 1:
+        from ..errors import LoraForgeError
+
+        raise LoraForgeError(f"--nproc {args.nproc}: must be at least 1")
+    if args.nproc > 1 and "RANK" not in os.environ:  # not already one of torchrun's processes
+        from ..train.launch import launch
+
+        return launch(args._argv, args.nproc, cfg.with_absolute_paths().out_dir())
     result = train(cfg, resume=args.resume, progress=False if getattr(args, "no_progress", False) else None)
-    # stdout: where the adapter is, for scripts (logs and the progress bar are on stderr)
-    print(result.out)
+    # stdout: where the adapter is, for scripts (logs and the progress bar are on stderr); once per job
+    if os.environ.get("RANK", "0") == "0":
+        print(result.out)
     sys.stdout.flush()
     return 0

@@ -7,6 +7,9 @@
         state.json              step, data sampler position, best validation loss, Python/NumPy RNG
                                 states, the run's config
 
+A run on several processes writes its trained tensors and optimizer state sharded, through
+torch.distributed.checkpoint (see sharded.py); either kind resumes on any number of processes.
+
 Each folder is written beside its final name and renamed into place, so a run killed at any moment
 leaves only whole checkpoints; deletion renames first for the same reason. Tensors go through
 safetensors and everything else through JSON: loading a checkpoint never unpickles anything.
@@ -14,6 +17,7 @@ safetensors and everything else through JSON: loading a checkpoint never unpickl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +32,7 @@ import torch
 
 from ..errors import LoraForgeError
 from ..paths import atomic_dir, atomic_write_json, save_safetensors
+from . import sharded
 
 log = logging.getLogger("loraforge")
 
@@ -77,9 +82,19 @@ def latest_intact_checkpoint(out: Path) -> Path | None:
 
 def verify_checkpoint(path: Path) -> None:
     """Raise LoraForgeError unless state.json and every tensor file of checkpoint `path` read back whole."""
-    read_state(path)
+    state = read_state(path)
+    if sharded.is_sharded(path):
+        sharded.verify(path)
+        for rank in range(_processes(state)):
+            _load_tensors(path, sharded.rng_file(rank))
+        return
     for name in TENSOR_FILES:
         _load_tensors(path, name)
+
+
+def _processes(state: dict[str, Any]) -> int:
+    n = state.get("processes", 1)
+    return n if isinstance(n, int) and n >= 1 else 1
 
 
 def remove_stale(out: Path) -> None:
@@ -98,19 +113,46 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int,
+    dist=None,
 ) -> Path:
-    """Write checkpoint `step` (state: JSON-able trainer state) and keep only the newest `keep`."""
+    """Write checkpoint `step` (state: JSON-able trainer state) and keep only the newest `keep`.
+
+    dist: the process group's view (train.distributed.Dist); with several processes every rank calls this
+    and writes its shards, and rank 0 the rest."""
     dest = Path(out) / CHECKPOINTS / f"step-{step}"
+    if dist is not None and dist.active:
+        _save_sharded(dest, step, params, optimizer, state, dist)
+        if dist.main:
+            _prune(out, keep)
+        dist.barrier()  # no rank goes on (or gets killed by a test) before the checkpoint is in place
+        return dest
     with atomic_dir(dest) as tmp:
         save_safetensors({n: p.detach().cpu() for n, p in params.items()}, tmp / "trainable.safetensors")
         save_safetensors(optimizer_tensors(optimizer, params), tmp / "optimizer.safetensors")
         save_safetensors(torch_rng_state(), tmp / "rng.safetensors")
         atomic_write_json(tmp / "state.json", {**state, "step": step, "python_rng": python_rng_state()})
+    _prune(out, keep)
+    return dest
+
+
+def _save_sharded(dest: Path, step: int, params, optimizer, state: dict[str, Any], dist) -> None:
+    with contextlib.ExitStack() as stack:
+        # rank 0 owns the folder (made beside dest, renamed into place at the end); the others write into it
+        tmp = stack.enter_context(atomic_dir(dest)) if dist.main else None
+        tmp = Path(dist.broadcast(str(tmp) if dist.main else ""))
+        sharded.save(tmp, params, optimizer)
+        save_safetensors(torch_rng_state(), tmp / sharded.rng_file(dist.rank))
+        dist.barrier()
+        if dist.main:  # state.json last: it marks the checkpoint complete
+            atomic_write_json(tmp / "state.json", {**state, "step": step, "processes": dist.world,
+                                                    "python_rng": python_rng_state()})
+
+
+def _prune(out: Path, keep: int) -> None:
     for _, old in checkpoints(out)[:-keep]:
         doomed = old.with_name(f".{old.name}.deleting")
         os.rename(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-    return dest
 
 
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -148,10 +190,31 @@ def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+    path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, dist=None
 ) -> dict[str, Any]:
-    """Restore trained tensors, optimizer state and RNG states from `path`; return its state.json."""
+    """Restore trained tensors, optimizer state and RNG states from `path`; return its state.json.
+
+    Either kind of checkpoint loads into a run on any number of processes. torch's generator (dropout's)
+    comes back only for the process count that saved it; with another count each rank keeps its fresh
+    per-rank seed, and state["rng_restored"] is False."""
     state = read_state(path)
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    same_count = _processes(state) == world
+    if sharded.is_sharded(path):
+        sharded.load(path, params, optimizer)
+        rng = _load_tensors(path, sharded.rng_file(rank)) if same_count else None
+    else:
+        rng = _load_whole(path, params, optimizer)
+        rng = rng if same_count else None
+    if rng is not None:
+        set_torch_rng_state(rng)
+    set_python_rng_state(state.pop("python_rng"))
+    state["rng_restored"] = rng is not None
+    return state
+
+
+def _load_whole(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer):
+    """A single-process checkpoint's tensors into this run's (whole or sharded); returns its RNG tensors."""
     trained, opt, rng = (_load_tensors(path, name) for name in TENSOR_FILES)
     if set(trained) != set(params):
         missing = sorted(set(params) ^ set(trained))[:3]
@@ -164,11 +227,33 @@ def load_checkpoint(
             if trained[name].shape != p.shape:
                 raise LoraForgeError(f"{path}: {name} has shape {list(trained[name].shape)} in the checkpoint, "
                                      f"{list(p.shape)} in this run; resume with the same rank")
-            p.copy_(trained[name])
-    load_optimizer_tensors(optimizer, params, opt)
-    set_torch_rng_state(rng)
-    set_python_rng_state(state.pop("python_rng"))
-    return state
+            _assign(p, trained[name])
+    if any(_is_sharded_tensor(p) for p in params.values()):
+        sharded.init_optimizer_state(optimizer)
+        names = {id(p): n for n, p in params.items()}
+        with torch.no_grad():
+            for p, st in optimizer.state.items():
+                for key, v in st.items():
+                    _assign(v, opt[f"{names[id(p)]}/{key}"])
+    else:
+        load_optimizer_tensors(optimizer, params, opt)
+    return rng
+
+
+def _is_sharded_tensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")
+
+
+def _assign(dst: torch.Tensor, whole: torch.Tensor) -> None:
+    """dst <- whole; a sharded dst takes its own shard of it."""
+    if _is_sharded_tensor(dst):
+        from torch.distributed.tensor import distribute_tensor
+
+        # src_data_rank=None: every rank holds `whole` already, each just cuts out its piece
+        piece = distribute_tensor(whole.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(piece.to_local())
+    else:
+        dst.copy_(whole)
 
 
 # -- optimizer ----------------------------------------------------------------------------------------------

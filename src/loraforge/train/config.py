@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import LoraForgeError
 
 METHODS = ("lora", "qlora", "prefix")
+STRATEGIES = ("ddp", "fsdp")  # train.distributed.STRATEGIES, without importing torch here
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # model.precision's, without importing torch here
 DATA_FORMATS = ("chat", "alpaca", "completion", "text")  # loraforge.data.FORMATS, without importing it
 
@@ -62,6 +63,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
     seed: int = 0
+    # several processes (torchrun): ddp = replicate the model; fsdp = FSDP2, base and adapter sharded
+    strategy: str = "ddp"
     # data
     format: str | None = None  # chat, alpaca, completion or text (default: detected from the first record)
     max_len: int = 1024
@@ -95,6 +98,8 @@ class TrainConfig:
 
         if self.method not in METHODS:
             bad("method", f"choose one of {', '.join(METHODS)}")
+        if self.strategy not in STRATEGIES:
+            bad("strategy", f"choose one of {', '.join(STRATEGIES)}")
         if self.dtype not in DTYPE_CHOICES:
             bad("dtype", f"choose one of {', '.join(DTYPE_CHOICES)}")
         if self.save_dtype not in ("float32", "bfloat16"):
