@@ -255,3 +255,70 @@ def test_refusals_write_nothing(adapted, tmp_path, capsys, tiny_folder):
     with pytest.raises(LoraForgeError, match="ties to the token embedding"):
         write_adapter_gguf(tied, "h", tmp_path / "h.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "adapter", "prefix"]
+
+
+# Every family: the base and an adapter read back with the architecture, tensor names and shapes llama.cpp
+# expects (its adapter loader requires lora_a's first and lora_b's second dimension to match the base's).
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "qwen3_moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+             "phi3": "phi3", "olmo2": "olmo2"}
+# What llama.cpp cannot read from a GGUF file is refused (test below); here the families without it.
+EXPORTABLE = {"llama": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+              "qwen3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+              "gemma2": dict(query_pre_attn_scalar=8, tie_word_embeddings=True), "gemma3_text": dict(query_pre_attn_scalar=8)}
+
+
+def allowed_names(arch: str, n_layers: int) -> set[str]:
+    import gguf
+
+    key = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    out = set()
+    for kind in gguf.MODEL_TENSORS[key]:
+        for i in range(n_layers):
+            out |= {gguf.TENSOR_NAMES[kind].format(bid=i) + s for s in (".weight", ".bias")}
+    return out
+
+
+@pytest.mark.parametrize("family", list(GGUF_ARCH))
+def test_every_family_exports_llama_cpp_names_and_shapes(family, tmp_path, smol_folder):
+    from test_families import build
+
+    folder = tmp_path / family
+    build(family, folder, smol_folder, vocab_size=49152, **EXPORTABLE.get(family, {}))
+    assert export("--model", folder, "--to", "gguf", "--outtype", "f32", "--out", tmp_path / "m.gguf") == 0
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    arch = GGUF_ARCH[family]
+    fields, tensors = read(tmp_path / "m.gguf")
+    assert fields["general.architecture"] == arch and fields[f"{arch}.block_count"] == 2
+    assert fields[f"{arch}.attention.head_count_kv"] == model.config.num_key_value_heads
+    assert set(tensors) <= allowed_names(arch, 2), set(tensors) - allowed_names(arch, 2)
+    sd = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    assert sum(int(np.prod(t.shape)) for t in tensors.values()) == sum(v.numel() for v in sd.values())
+    if model.config.num_experts:
+        assert fields[f"{arch}.expert_count"] == 4
+        E, two_i, H = sd["model.layers.0.mlp.experts.gate_up_proj"].shape
+        assert list(tensors["blk.0.ffn_gate_exps.weight"].shape) == [H, two_i // 2, E]
+    if model.config.norm_unit_offset:  # Gemma's (1 + w), stored as llama.cpp multiplies
+        torch.testing.assert_close(as_torch(tensors["output_norm.weight"]), 1 + sd["model.norm.weight"])
+    attn = ["qkv_proj"] if family == "phi3" else ["q_proj", "k_proj", "v_proj"]
+    add_lora(model, "a", LoraConfig(r=2, targets=[*attn, "o_proj"]))
+    save_adapter(model, "a", tmp_path / "ad")
+    assert export("--model", folder, "--adapter", tmp_path / "ad", "--to", "gguf-adapter",
+                  "--out", tmp_path / "a.gguf") == 0
+    fields, lora = read(tmp_path / "a.gguf")
+    assert fields["general.architecture"] == arch and len(lora) == 2 * 2 * (len(attn) + 1)
+    for name, t in lora.items():
+        base = tensors[name.rsplit(".", 1)[0]]
+        assert t.shape[0 if name.endswith("lora_a") else 1] == base.shape[0 if name.endswith("lora_a") else 1]
+
+
+@pytest.mark.parametrize("family,field", [("llama", "rope_scaling 'llama3'"), ("qwen3", "rope_scaling 'yarn'"),
+                                          ("gemma2", "query_pre_attn_scalar"),
+                                          ("gemma", "tie_word_embeddings")])
+def test_what_llama_cpp_cannot_express_is_refused_by_name(family, field, tmp_path, smol_folder, capsys):
+    from test_families import build
+
+    untied = dict(tie_word_embeddings=False) if family == "gemma" else {}
+    build(family, tmp_path / family, smol_folder, vocab_size=49152, **untied)
+    assert export("--model", tmp_path / family, "--to", "gguf", "--out", tmp_path / "m.gguf") == 2
+    assert field in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()

@@ -41,6 +41,9 @@ def check_exportable(cfg) -> None:
                              "llama.cpp does not read from a GGUF file")
     if (cfg.attn_softcap or cfg.final_softcap) and arch != "gemma2":
         raise LoraForgeError(f"{where}: logit soft-capping is only read by llama.cpp for gemma2")
+    if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
+        raise LoraForgeError(f"{where}: tie_word_embeddings is false, but llama.cpp's {arch} always uses the token "
+                             "embedding as the output head")
     if cfg.num_experts and cfg.dense_layers:
         raise LoraForgeError(f"{where}: mlp_only_layers / decoder_sparse_step (dense layers in an MoE model) are "
                              "not expressible in llama.cpp's GGUF")
