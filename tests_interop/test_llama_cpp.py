@@ -1,0 +1,124 @@
+"""Our GGUF exports inside llama.cpp itself (llama-cpp-python, built by interop/setup_llama_cpp.sh).
+
+llama.cpp runs in a subprocess (llama_cpp_run.py): a malformed adapter or model file crashes it rather than
+raising. Token ids are ours on both sides, so what is compared is the model, not two tokenizers.
+
+Precision: the embedded model's GGUF is Q4_1; our copy of it holds exactly those weights dequantized to
+fp32, but llama.cpp multiplies Q4_1 weights by activations it quantizes to 8 bits, so its base logits
+differ from ours by a few hundredths (measured below, not asserted). The LoRA product runs in fp32 in both.
+That is why the adapter check compares the changes the adapter makes (adapter minus base, on each side)
+rather than raw logits; the merged f16 export is compared by its greedy text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_adapter
+
+from loraforge.export.gguf_adapter import write_adapter_gguf
+from loraforge.export.gguf_model import write_model_gguf
+from loraforge.generate import SamplingParams, encode_prompt, generate, stop_token_ids
+from loraforge.lora import LoraConfig, add_lora, delete_adapter, set_adapter
+from loraforge.model import load_model
+from loraforge.model.embedded import embedded_gguf
+
+if importlib.util.find_spec("llama_cpp") is None:
+    pytest.fail("llama-cpp-python is not installed: run interop/setup.sh (make test-interop does)", pytrace=False)
+
+RUNNER = Path(__file__).with_name("llama_cpp_run.py")
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "How do I boil an egg?", "List three prime numbers."]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_cpp(tmp: Path, model: Path, prompts, lora: Path | None = None, scale: float = 1.0, new_tokens: int = 0,
+              eos=()) -> dict[str, np.ndarray]:
+    out = tmp / f"run{len(list(tmp.glob('run*.npz')))}.npz"
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"model": str(model), "lora": str(lora) if lora else None, "scale": scale,
+                                "prompts": prompts, "new_tokens": new_tokens, "eos": sorted(eos), "out": str(out)}))
+    r = subprocess.run([sys.executable, str(RUNNER), str(spec)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"llama.cpp exited with {r.returncode}:\n{r.stderr[-3000:]}"
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def smol_model():
+    model, tok = load_model(None, device="cpu", dtype="float32")
+    return model, tok, [encode_prompt(tok, p) for p in PROMPTS]
+
+
+@torch.no_grad()
+def our_logits(model, prompts) -> list[np.ndarray]:
+    return [model(torch.tensor([ids]))[0].float().numpy() for ids in prompts]  # [S, vocab] each
+
+
+@pytest.fixture()
+def adapter(smol_model, request):
+    """A random adapter with a visible effect on the embedded model, removed again after the test."""
+    model, _, _ = smol_model
+    targets = getattr(request, "param", ALL)
+    add_lora(model, "x", LoraConfig(r=8, alpha=16, targets=targets))
+    randomize_adapter(model, "x", seed=1, std=0.03)
+    yield "x"
+    delete_adapter(model, "x")
+
+
+@pytest.mark.parametrize("adapter", [["q_proj", "k_proj"], ALL], indirect=True, ids=["q_k_only", "all_linear"])
+def test_adapter_moves_llama_cpps_logits_as_it_moves_ours(smol_model, adapter, tmp_path):
+    """q/k alone exercises the rope row order of lora_b: without it llama.cpp's q/k updates are scrambled."""
+    model, _, prompts = smol_model
+    write_adapter_gguf(model, adapter, tmp_path / "a.gguf")
+    set_adapter(model, None)
+    ours_base = our_logits(model, prompts)
+    set_adapter(model, adapter)
+    ours_lora = our_logits(model, prompts)
+    base = llama_cpp(tmp_path, embedded_gguf(), prompts)
+    lora = llama_cpp(tmp_path, embedded_gguf(), prompts, lora=tmp_path / "a.gguf")
+    d_ours = np.concatenate([(a - b).ravel() for a, b in zip(ours_lora, ours_base, strict=True)])
+    d_theirs = np.concatenate([(lora[f"logits_{i}"] - base[f"logits_{i}"]).ravel() for i in range(len(prompts))])
+    corr = np.corrcoef(d_ours, d_theirs)[0, 1]
+    base_diff = max(np.abs(base[f"logits_{i}"] - ours_base[i]).max() for i in range(len(prompts)))
+    print(f"\n[{adapter}] corr(adapter - base) = {corr:.5f}; mean |change| ours {np.abs(d_ours).mean():.3f}, "
+          f"llama.cpp {np.abs(d_theirs).mean():.3f}; max |base logit diff| (Q4_1 x q8 activations) {base_diff:.3f}")
+    assert np.abs(d_ours).mean() > 0.5  # the adapter really moves the logits
+    assert corr > 0.99
+    for i in range(len(prompts)):
+        top_ours, top_theirs = ours_lora[i][-1].argmax(), lora[f"logits_{i}"][-1].argmax()
+        assert top_ours == top_theirs, f"prompt {i}: top token {top_ours} (ours) vs {top_theirs} (llama.cpp)"
+
+
+def test_lora_scale_zero_gives_the_base_exactly(smol_model, adapter, tmp_path):
+    model, _, prompts = smol_model
+    write_adapter_gguf(model, adapter, tmp_path / "a.gguf")
+    base = llama_cpp(tmp_path, embedded_gguf(), prompts[:2])
+    off = llama_cpp(tmp_path, embedded_gguf(), prompts[:2], lora=tmp_path / "a.gguf", scale=0.0)
+    on = llama_cpp(tmp_path, embedded_gguf(), prompts[:2], lora=tmp_path / "a.gguf", scale=1.0)
+    for i in range(2):
+        np.testing.assert_array_equal(off[f"logits_{i}"], base[f"logits_{i}"])
+        assert not np.array_equal(on[f"logits_{i}"], base[f"logits_{i}"])  # the adapter was loaded at all
+
+
+def test_merged_f16_export_generates_our_greedy_text(smol_model, adapter, tmp_path):
+    model, tok, prompts = smol_model
+    set_adapter(model, adapter)
+    write_model_gguf(model, tmp_path / "m.gguf", adapter, outtype="f16")
+    n = 24
+    eos = stop_token_ids(model, tok)
+    ours = [generate(model, tok, [p], SamplingParams(max_new_tokens=n))[0] for p in PROMPTS]
+    theirs = llama_cpp(tmp_path, tmp_path / "m.gguf", prompts, new_tokens=n, eos=eos)
+    ours_logits = our_logits(model, prompts)
+    diff = max(np.abs(theirs[f"logits_{i}"] - ours_logits[i]).max() for i in range(len(prompts)))
+    scale = max(np.abs(x).max() for x in ours_logits)
+    print(f"\nmerged f16: max |logit diff| over the prompts {diff:.4f} (logits up to {scale:.1f})")
+    for i, text in enumerate(ours):
+        ids = [t for t in theirs[f"greedy_{i}"].tolist() if t not in eos]
+        assert tok.decode(ids, skip_special_tokens=True) == text, f"prompt {i}"
