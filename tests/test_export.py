@@ -8,6 +8,7 @@ expected llama.cpp names and the rope row order written out here rather than tak
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -242,6 +243,14 @@ def test_refusals_write_nothing(adapted, tmp_path, capsys, tiny_folder):
     assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"mine"
     assert export("--to", "ollama", "--out", tmp_path / "o") == 2
     assert "needs --adapter" in capsys.readouterr().err
+    import json
+
+    trained_embedding = tmp_path / "emb"
+    shutil.copytree(adapter, trained_embedding)
+    cfg = json.loads((trained_embedding / "adapter_config.json").read_text())
+    (trained_embedding / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["embed_tokens"]}))
+    assert export("--adapter", trained_embedding, "--to", "gguf-adapter", "--out", tmp_path / "e.gguf") == 2
+    assert "modules_to_save" in capsys.readouterr().err
     add_prefix(model, "p", PrefixConfig(num_virtual_tokens=2))
     save_prefix_adapter(model, "p", tmp_path / "prefix")
     assert export("--adapter", tmp_path / "prefix", "--to", "gguf-adapter", "--out", tmp_path / "p.gguf") == 2
@@ -254,7 +263,7 @@ def test_refusals_write_nothing(adapted, tmp_path, capsys, tiny_folder):
 
     with pytest.raises(LoraForgeError, match="ties to the token embedding"):
         write_adapter_gguf(tied, "h", tmp_path / "h.gguf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "adapter", "prefix"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "adapter", "emb", "prefix"]
 
 
 # Every family: the base and an adapter read back with the architecture, tensor names and shapes llama.cpp
