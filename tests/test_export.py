@@ -274,6 +274,7 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": 
 # What llama.cpp cannot read from a GGUF file is refused (test below); here the families without it.
 EXPORTABLE = {"llama": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
               "qwen3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+              "qwen3_moe": dict(norm_topk_prob=True),
               "gemma2": dict(query_pre_attn_scalar=8, tie_word_embeddings=True), "gemma3_text": dict(query_pre_attn_scalar=8)}
 
 
@@ -323,7 +324,7 @@ def test_every_family_exports_llama_cpp_names_and_shapes(family, tmp_path, smol_
 
 @pytest.mark.parametrize("family,field", [("llama", "rope_scaling 'llama3'"), ("qwen3", "rope_scaling 'yarn'"),
                                           ("gemma2", "query_pre_attn_scalar"),
-                                          ("gemma", "tie_word_embeddings")])
+                                          ("gemma", "tie_word_embeddings"), ("qwen3_moe", "norm_topk_prob")])
 def test_what_llama_cpp_cannot_express_is_refused_by_name(family, field, tmp_path, smol_folder, capsys):
     from test_families import build
 

@@ -36,17 +36,28 @@ def check_exportable(cfg) -> None:
     if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") != "linear":
         raise LoraForgeError(f"{where}: rope_scaling {cfg.rope_scaling.get('rope_type')!r} is not written to GGUF by "
                              "loraforge (only linear scaling is)")
-    if cfg.attn_scale is not None and abs(cfg.attn_scale * cfg.head_dim ** 0.5 - 1) > 1e-6:
-        raise LoraForgeError(f"{where}: query_pre_attn_scalar != head_dim changes the attention scale, which "
-                             "llama.cpp does not read from a GGUF file")
+    if cfg.attn_scale is not None and abs(cfg.attn_scale / _llama_cpp_attn_scale(arch, cfg) - 1) > 1e-6:
+        raise LoraForgeError(f"{where}: query_pre_attn_scalar sets an attention scale that llama.cpp does not "
+                             "read from a GGUF file (it uses 1/sqrt(head_dim))")
     if (cfg.attn_softcap or cfg.final_softcap) and arch != "gemma2":
         raise LoraForgeError(f"{where}: logit soft-capping is only read by llama.cpp for gemma2")
     if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
         raise LoraForgeError(f"{where}: tie_word_embeddings is false, but llama.cpp's {arch} always uses the token "
                              "embedding as the output head")
+    if cfg.num_experts and not cfg.moe_renormalize:
+        raise LoraForgeError(f"{where}: norm_topk_prob is false, but llama.cpp's {arch} always renormalises the "
+                             "top-k expert weights")
     if cfg.num_experts and cfg.dense_layers:
         raise LoraForgeError(f"{where}: mlp_only_layers / decoder_sparse_step (dense layers in an MoE model) are "
                              "not expressible in llama.cpp's GGUF")
+
+
+def _llama_cpp_attn_scale(arch: str, cfg) -> float:
+    """The softmax scale llama.cpp uses: 1/sqrt(head_dim), except for the 27B Gemma 2 / 3 (told apart by their
+    layer count), where it is 1/sqrt(hidden / heads) as their query_pre_attn_scalar says."""
+    if (arch, cfg.num_hidden_layers) in (("gemma2", 46), ("gemma3", 62)):
+        return (cfg.hidden_size // cfg.num_attention_heads) ** -0.5
+    return cfg.head_dim ** -0.5
 
 
 @torch.no_grad()
@@ -139,7 +150,6 @@ def _hparams(w, cfg) -> None:
         w.add_expert_used_count(cfg.experts_per_token)
         if arch == "qwen3moe":
             w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-            w.add_expert_weights_norm(cfg.moe_renormalize)
 
 
 def write_model_gguf(model: nn.Module, out: str | Path, adapter: str | None = None, *, outtype: str = "f16",
