@@ -65,14 +65,16 @@ def our_logits(model, prompts) -> list[np.ndarray]:
 def adapter(smol_model, request):
     """A random adapter with a visible effect on the embedded model, removed again after the test."""
     model, _, _ = smol_model
-    targets = getattr(request, "param", ALL)
+    targets, std = getattr(request, "param", (ALL, 0.03))
     add_lora(model, "x", LoraConfig(r=8, alpha=16, targets=targets))
-    randomize_adapter(model, "x", seed=1, std=0.03)
+    randomize_adapter(model, "x", seed=1, std=std)
     yield "x"
     delete_adapter(model, "x")
 
 
-@pytest.mark.parametrize("adapter", [["q_proj", "k_proj"], ALL], indirect=True, ids=["q_k_only", "all_linear"])
+# Changes well above the Q4_1 noise (llama.cpp's base logits differ from ours by up to ~1.8, see above).
+@pytest.mark.parametrize("adapter", [(["q_proj", "k_proj"], 0.1), (ALL, 0.1)], indirect=True,
+                         ids=["q_k_only", "all_linear"])
 def test_adapter_moves_llama_cpps_logits_as_it_moves_ours(smol_model, adapter, tmp_path):
     """q/k alone exercises the rope row order of lora_b: without it llama.cpp's q/k updates are scrambled."""
     model, _, prompts = smol_model
@@ -89,7 +91,7 @@ def test_adapter_moves_llama_cpps_logits_as_it_moves_ours(smol_model, adapter, t
     base_diff = max(np.abs(base[f"logits_{i}"] - ours_base[i]).max() for i in range(len(prompts)))
     print(f"\n[{adapter}] corr(adapter - base) = {corr:.5f}; mean |change| ours {np.abs(d_ours).mean():.3f}, "
           f"llama.cpp {np.abs(d_theirs).mean():.3f}; max |base logit diff| (Q4_1 x q8 activations) {base_diff:.3f}")
-    assert np.abs(d_ours).mean() > 0.5  # the adapter really moves the logits
+    assert np.abs(d_ours).mean() > 0.1  # the adapter really moves the logits
     assert corr > 0.99
     for i in range(len(prompts)):
         top_ours, top_theirs = ours_lora[i][-1].argmax(), lora[f"logits_{i}"][-1].argmax()
@@ -121,3 +123,26 @@ def test_merged_f16_export_generates_our_greedy_text(smol_model, adapter, tmp_pa
     print(f"\nmerged f16: max |logit diff| over the prompts {diff:.4f} (logits up to {scale:.1f})")
     for i, text in enumerate(ours):
         assert decode_until_stop(tok, theirs[f"greedy_{i}"].tolist(), eos, [])[0] == text, f"prompt {i}"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                                    "gemma3_text", "phi3", "olmo2"])
+def test_every_family_runs_in_llama_cpp_with_our_logits(family, tmp_path, smol_folder):
+    """A tiny random model of each family, exported f32 without an adapter, gives our logits in llama.cpp
+    (whose KV cache is f16: agreement to ~1e-3 of the logits' scale, not to fp32 rounding)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_export import EXPORTABLE
+    from test_families import build
+
+    folder = tmp_path / family
+    build(family, folder, smol_folder, vocab_size=49152, **EXPORTABLE.get(family, {}))
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    write_model_gguf(model, tmp_path / "m.gguf", outtype="f32")
+    ids = [torch.randint(3, 49152, (10,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]
+    ours = our_logits(model, ids)
+    theirs = llama_cpp(tmp_path, tmp_path / "m.gguf", ids)
+    for i in range(2):
+        diff = np.abs(theirs[f"logits_{i}"] - ours[i]).max() / np.abs(ours[i]).max()
+        print(f"\n{family}: max |logit diff| / max |logit| = {diff:.2e}")
+        assert diff < 1e-2
+        np.testing.assert_array_equal(theirs[f"logits_{i}"].argmax(-1), ours[i].argmax(-1))
