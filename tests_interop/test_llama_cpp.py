@@ -75,27 +75,40 @@ def adapter(smol_model, request):
 # Changes well above the Q4_1 noise (llama.cpp's base logits differ from ours by up to ~1.8, see above).
 @pytest.mark.parametrize("adapter", [(["q_proj", "k_proj"], 0.1), (ALL, 0.1)], indirect=True,
                          ids=["q_k_only", "all_linear"])
-def test_adapter_moves_llama_cpps_logits_as_it_moves_ours(smol_model, adapter, tmp_path):
-    """q/k alone exercises the rope row order of lora_b: without it llama.cpp's q/k updates are scrambled."""
+@pytest.mark.parametrize("base_file,min_corr", [("q4_1", 0.98), ("f32", 0.999)])
+def test_adapter_moves_llama_cpps_logits_as_it_moves_ours(smol_model, adapter, tmp_path, base_file, min_corr):
+    """q/k alone exercises the rope row order of lora_b: without it llama.cpp's q/k updates are scrambled.
+
+    On the embedded model's own Q4_1 file llama.cpp quantizes the activations to 8 bits for the Q4_1
+    products, which the adapter's change of the activations re-rounds: measured correlation 0.986 (q/k) and
+    0.989 (all), so 0.98 is asserted there. On an f32 GGUF of the very same weights (our plain export) that
+    noise is gone and the changes must agree to 0.999."""
     model, _, prompts = smol_model
     write_adapter_gguf(model, adapter, tmp_path / "a.gguf")
+    gguf = embedded_gguf()
+    if base_file == "f32":
+        gguf = write_model_gguf(model, tmp_path / "base.gguf", None, outtype="f32")
     set_adapter(model, None)
     ours_base = our_logits(model, prompts)
     set_adapter(model, adapter)
     ours_lora = our_logits(model, prompts)
-    base = llama_cpp(tmp_path, embedded_gguf(), prompts)
-    lora = llama_cpp(tmp_path, embedded_gguf(), prompts, lora=tmp_path / "a.gguf")
+    base = llama_cpp(tmp_path, gguf, prompts)
+    lora = llama_cpp(tmp_path, gguf, prompts, lora=tmp_path / "a.gguf")
     d_ours = np.concatenate([(a - b).ravel() for a, b in zip(ours_lora, ours_base, strict=True)])
     d_theirs = np.concatenate([(lora[f"logits_{i}"] - base[f"logits_{i}"]).ravel() for i in range(len(prompts))])
     corr = np.corrcoef(d_ours, d_theirs)[0, 1]
     base_diff = max(np.abs(base[f"logits_{i}"] - ours_base[i]).max() for i in range(len(prompts)))
-    print(f"\n[{adapter}] corr(adapter - base) = {corr:.5f}; mean |change| ours {np.abs(d_ours).mean():.3f}, "
-          f"llama.cpp {np.abs(d_theirs).mean():.3f}; max |base logit diff| (Q4_1 x q8 activations) {base_diff:.3f}")
+    print(f"\n[{base_file}] corr(adapter - base) = {corr:.5f}; mean |change| ours {np.abs(d_ours).mean():.3f}, "
+          f"llama.cpp {np.abs(d_theirs).mean():.3f}; max |base logit diff| {base_diff:.3f}")
     assert np.abs(d_ours).mean() > 0.1  # the adapter really moves the logits
-    assert corr > 0.99
+    assert corr > min_corr
     for i in range(len(prompts)):
         top_ours, top_theirs = ours_lora[i][-1].argmax(), lora[f"logits_{i}"][-1].argmax()
-        assert top_ours == top_theirs, f"prompt {i}: top token {top_ours} (ours) vs {top_theirs} (llama.cpp)"
+        lead = np.diff(np.sort(ours_lora[i][-1])[-2:])[0]  # our top token's margin over the runner-up
+        # On Q4_1, a top token that leads by less than llama.cpp's own base error is a tie, not a check
+        # (measured once: a lead of that size flipped for one prompt of the all-linear adapter).
+        if base_file == "f32" or lead > base_diff:
+            assert top_ours == top_theirs, f"prompt {i}: top token {top_ours} (ours) vs {top_theirs} (llama.cpp)"
 
 
 def test_lora_scale_zero_gives_the_base_exactly(smol_model, adapter, tmp_path):
