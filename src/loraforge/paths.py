@@ -97,12 +97,12 @@ def _raise_if_disk_full(e: BaseException, dest: Path) -> None:
 
 
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
-                     flag: str = "--out") -> Path:
+                     flag: str = "--out", marker: str = "config.json") -> Path:
     """Refuse an output folder whose replacement could destroy the user's files, before any work starts.
 
     Refused: a folder that is or holds one of `inputs` (even with `overwrite`); a file; a non-empty folder
     without `overwrite`; and, with `overwrite`, anything but a model folder a command of ours writes (plain
-    files beside a config.json), or a folder that holds the working or home directory.
+    files beside a config.json, or beside `marker`), or a folder that holds the working or home directory.
     """
     out = Path(out)
     real = Path(os.path.realpath(out))
@@ -126,8 +126,8 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool, inputs: Iterabl
     for keep in (Path.cwd(), Path.home()):
         if real == Path(os.path.realpath(keep)) or real in Path(os.path.realpath(keep)).parents:
             raise LoraForgeError(f"{flag} {out}: holds {keep}; --overwrite only replaces a model folder")
-    if not (out / "config.json").is_file() or any(p.is_dir() or p.is_symlink() for p in entries):
-        raise LoraForgeError(f"{flag} {out}: is not a model folder (config.json and files only), so --overwrite "
+    if not (out / marker).is_file() or any(p.is_dir() or p.is_symlink() for p in entries):
+        raise LoraForgeError(f"{flag} {out}: is not a model folder ({marker} and files only), so --overwrite "
                              f"will not replace it; choose another {flag}")
     return out
 
@@ -146,6 +146,41 @@ def _temp_beside(path: Path) -> tuple[int, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         return tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as e:
+        _raise_if_disk_full(e, path)
+        raise
+
+
+def check_output_file(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+                      flag: str = "--out") -> Path:
+    """Refuse an output file that is one of `inputs`, a folder, or (without `overwrite`) an existing file."""
+    out = Path(out)
+    real = Path(os.path.realpath(out))
+    for src in inputs:
+        s = Path(os.path.realpath(src))
+        if real == s or real in s.parents:
+            raise LoraForgeError(f"{flag} {out}: is the input {src}, which writing there would destroy; "
+                                 f"choose another {flag}")
+    if out.is_dir():
+        raise LoraForgeError(f"{flag} {out}: is a folder; pass a file name")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise LoraForgeError(f"{flag} {out}: already exists; pass --overwrite to replace it, or choose another {flag}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file name beside `path` for a writer that opens files by name (gguf's GGUFWriter);
+    on success it replaces `path` in one rename, on failure it is removed."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         _raise_if_disk_full(e, path)
         raise
 

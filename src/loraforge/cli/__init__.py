@@ -19,6 +19,7 @@ COMMANDS = [
     ("eval", "score base vs adapter on a data file: loss, perplexity, exact match"),
     ("compare", "train LoRA, QLoRA and prefix tuning on the same data and report the trade-offs"),
     ("merge", "fold an adapter into the base weights and write a plain Hugging Face model"),
+    ("export", "write an adapter or merged model for llama.cpp / Ollama (GGUF) or Hugging Face"),
     ("quantize", "write a pre-quantized (NF4/FP4/INT8) copy of a model"),
     ("serve", "serve one base model with many adapters behind an OpenAI-compatible API"),
     ("bench", "benchmark training, generation and quantization against PEFT and bitsandbytes"),
