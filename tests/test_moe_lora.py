@@ -316,3 +316,39 @@ def test_expert_weights_without_target_parameters_are_refused(moe, tmp_path):
                                              r"that adapter_config.json's target_parameters does not name"):
         load_adapter(fresh, tmp_path / "e")
     assert not any("lora" in k for k in fresh.state_dict())
+
+
+def test_train_cli_trains_expert_adapters_peft_loads(tmp_path, smol_folder, capsys):
+    """`loraforge train --target-parameters` trains the experts' LoRA beside q_proj's; PEFT loads the result
+    onto the transformers model with our logits. Expert LoRA with dropout is refused naming the field."""
+    from peft import PeftModel
+
+    from loraforge.cli import main
+
+    folder = tmp_path / "m"
+    build("qwen3_moe", folder, smol_folder, vocab_size=49152)  # the real tokenizer's ids
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}."}) + "\n"
+                            for i in range(8)))
+    common = ["train", str(data), "--model", str(folder), "--device", "cpu", "--dtype", "float32", "--targets",
+              "q_proj", "--target-parameters", ",".join(EXPERTS), "--rank", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "bad")]) == 2
+    assert "dropout" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "out"
+    assert main([*common, "--out", str(out), "--dropout", "0", "--max-steps", "3", "--lr", "1e-2",
+                 "--batch-size", "4"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == sorted(EXPERTS)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    expert_b = [v for k, v in tensors.items() if "experts" in k and "lora_B" in k]
+    assert len(expert_b) == 2 * 2 and all(b.abs().max() > 0 for b in expert_b)  # 2 layers x 2 weights, trained
+
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    load_adapter(model, out, name="t")
+    set_adapter(model, "t")
+    x = torch.randint(3, 49152, (2, 10), generator=torch.Generator().manual_seed(4))
+    pm = PeftModel.from_pretrained(fresh_hf(folder), str(out)).eval()
+    with torch.no_grad():
+        assert_logits_close(model(x), pm(x).logits)

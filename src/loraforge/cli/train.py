@@ -55,6 +55,10 @@ def register(p):
     g.add_argument("--targets", default=S, type=_targets,
                    help="all-linear, a comma-separated list of module names (q_proj,v_proj) or a regex"
                    + dflt(d.targets))
+    g.add_argument("--target-parameters", default=S, dest="target_parameters", metavar="NAMES",
+                   type=lambda v: [t.strip() for t in v.split(",") if t.strip()],
+                   help="MoE models: comma-separated expert weights to adapt as PEFT's target_parameters, e.g. "
+                   "mlp.experts.gate_up_proj,mlp.experts.down_proj (needs --dropout 0)")
     g.add_argument("--num-virtual-tokens", type=int, default=S, dest="num_virtual_tokens",
                    help="prefix tuning: learned prefix length" + dflt(d.num_virtual_tokens))
     g.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=S,

@@ -49,6 +49,8 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: str | list[str] = "all-linear"  # "all-linear", a regex, or a list of module names
+    # MoE expert weights to adapt as PEFT's target_parameters (e.g. mlp.experts.gate_up_proj); needs dropout 0
+    target_parameters: list[str] | None = None
     # prefix tuning
     num_virtual_tokens: int = 20
     prefix_projection: bool = False  # train through an MLP (Li & Liang), folded away on save
@@ -138,6 +140,12 @@ class TrainConfig:
             bad("warmup_steps", "must be 0 or more")
         if isinstance(self.targets, list) and (not self.targets or not all(self.targets)):
             bad("targets", "must be 'all-linear', a regex, or a non-empty list of module names")
+        if self.target_parameters is not None:
+            if not isinstance(self.target_parameters, list) or not all(
+                    isinstance(t, str) and t for t in self.target_parameters):
+                bad("target_parameters", "must be a list of parameter names such as mlp.experts.gate_up_proj")
+            if self.target_parameters and self.dropout != 0:
+                bad("dropout", "must be 0 with target_parameters (PEFT applies no dropout to expert weights)")
 
     # -- building one ---------------------------------------------------------------------------------------
     @classmethod

@@ -62,7 +62,8 @@ def prepare(model: nn.Module, cfg) -> Trainable:
 def _prepare_lora(model: nn.Module, cfg) -> Trainable:
     from ..lora import LoraConfig, add_lora, get_adapter_params, save_adapter, set_trainable_params
 
-    add_lora(model, ADAPTER, LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets))
+    add_lora(model, ADAPTER, LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                                          target_parameters=cfg.target_parameters))
     set_trainable_params(model, ADAPTER)
     return Trainable(
         method=cfg.method,
