@@ -10,8 +10,8 @@ the same distribution up to p's rounding to a multiple of 2^-16 (0.05 -> 0.05000
 The mask is the multiplier's 0/1, not a bool: on CPU a comparison into bool and a bool -> bf16 cast are
 scalar loops (0.29 and 0.57 ms for 512 x 576, a bf16 multiply 0.11 ms), while the int16 clamp, subtract
 and multiply below are vectorised (~0.03 ms each). For a 16-bit float the 0/1 integers times the bit
-pattern of 1.0 are the mask's bits. The 1 / (1 - p) scale is left to the consumer (ops.lora folds it
-into a GEMM's alpha, applied in the accumulator).
+pattern of 1.0 are the mask's bits. The 1 / (1 - p) scale is not in the mask: dropout_ref multiplies by
+it, and ops.lora folds it into the low-rank scale s (a GEMM's alpha, applied in the accumulator).
 """
 
 from __future__ import annotations
