@@ -206,10 +206,11 @@ def dequantize_4bit_ref(
     return (code.float()[nibbles] * scale).to(dtype).view(shape)
 
 
-# Values per dequantize step. A step's gathered float32 pairs (0.5 MB) stay in a core's L2 cache from the
-# gather to the scaling (and the cast) that read them back, and a reused buffer is not fresh pages for the
-# kernel to zero each time. bench/quant.py's bf16 dequantize row measures it (12288 x 576 into bf16: 0.27x
-# the CPU time of one 2^24-value step; model-sized weights 0.92-1.0x).
+# Values per dequantize step into a 16-bit dtype. A step's gathered float32 pairs (0.5 MB) stay in a core's
+# L2 cache from the gather to the scaling and the cast that read them back, and a reused buffer is not
+# fresh pages for the kernel to zero each time. bench/quant.py's bf16 dequantize row and bench/ab_ops.py
+# measure it (into bf16, 1 thread, CPU time: 12288 x 576 0.27-0.64x one 2^24-value step, 576 x 1536
+# 0.81-0.93x, 576 x 576 0.95-1.0x).
 _DEQUANT_CHUNK = 1 << 17
 
 
@@ -220,9 +221,9 @@ def dequantize_4bit(
     bit to dequantize_4bit_ref (the plain definition; ops.use_reference() runs it instead).
 
     One gather of the pair table decodes both nibbles of each byte; each value is then scaled by its
-    block's absmax (a [blocks, 1] broadcast) in float32 and rounded once to `dtype`, _DEQUANT_CHUNK values
-    at a time. Into float32 (with an even count) the pairs are gathered straight into the output and
-    scaled there; into another dtype, through a reused float32 buffer (a multiply whose out= has another
+    block's absmax (a [blocks, 1] broadcast) in float32 and rounded once to `dtype`. Into float32 (with an
+    even count) the pairs are gathered straight into the output and scaled there; into another dtype,
+    _DEQUANT_CHUNK values at a time through a reused float32 buffer (a multiply whose out= has another
     dtype is not vectorised on CPU, so the scaling and the cast are two passes over that cached buffer).
     """
     if reference_ops():
@@ -231,15 +232,16 @@ def dequantize_4bit(
     table = _pair_table(code.float())  # int64 [256]
     out = torch.empty(n, dtype=dtype, device=packed.device)
     flat_bytes = packed.reshape(-1)
-    chunk = max(blocksize, _DEQUANT_CHUNK - _DEQUANT_CHUNK % blocksize)  # whole blocks, so an even count
     if dtype == torch.float32 and n % 2 == 0:
         words = out.view(torch.int64)  # [n / 2]: a value pair per byte
+        chunk = _chunk_len(blocksize)  # L2-sized steps measured no faster here (0.9-1.1x)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             byte_idx = flat_bytes[start // 2 : stop // 2].to(torch.int32)  # index_select's index type
             torch.index_select(table, 0, byte_idx, out=words[start // 2 : stop // 2])
             _scale_blocks(out[start:stop], absmax[start // blocksize : -(-stop // blocksize)], blocksize)
         return out.view(shape)
+    chunk = max(blocksize, _DEQUANT_CHUNK - _DEQUANT_CHUNK % blocksize)  # whole blocks, so an even count
     idx = torch.empty(min(chunk, n + 1) // 2, dtype=torch.int32, device=packed.device)  # reused per step
     pairs = torch.empty(idx.shape, dtype=torch.int64, device=packed.device)
     for start in range(0, n, chunk):
