@@ -85,6 +85,29 @@ def test_chunking_does_not_change_results(quant_type, monkeypatch):
     assert torch.equal(dequantize(chunked), dequantize(whole))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [128, 1 << 17])
+def test_dequantize_4bit_equals_its_reference_bit_for_bit(quant_type, dtype, chunk, monkeypatch):
+    """The chunked, table-driven dequantize writes every dtype exactly as the plain definition does
+    (float32 product, one rounding); odd count, short last block, one step or many."""
+    from loraforge import ops
+
+    monkeypatch.setattr(functional, "_DEQUANT_CHUNK", chunk)
+    for shape, blocksize in (((37, 129), 64), ((16, 96), 32), ((3, 5), 256)):
+        weight = torch.randn(shape, generator=gen(8)) * 0.02
+        for double_quant in (False, True):
+            state = quantize(weight, quant_type, blocksize, double_quant)
+            absmax = functional.dequantize_absmax(state)
+            args = (state.data, absmax, state.quant_map, blocksize, state.shape, dtype)
+            want = functional.dequantize_4bit_ref(*args)
+            got = functional.dequantize_4bit(*args)
+            assert got.dtype == dtype and got.shape == shape
+            assert torch.equal(got.view(torch.int8), want.view(torch.int8)), (shape, double_quant)
+            with ops.use_reference():  # the switch runs the definition itself
+                assert torch.equal(dequantize(state, dtype), want)
+
+
 def test_quantize_does_not_modify_its_input():
     weight = torch.randn(8, 64, generator=gen(6))
     before = weight.clone()

@@ -1,8 +1,9 @@
 """NF4 (+ double quantization) throughput and reconstruction error: loraforge.quant vs bitsandbytes.
 
 Both quantize the same seeded weight ([n / 576, 576], normal with std 0.02 like a trained projection)
-with block size 64; throughput is millions of weights per second (best of `quant_reps`, since a
-background process can only make a rep slower), and the error is relative to the weight's RMS.
+with block size 64; ours also dequantizes into bf16, QLoRA's compute dtype. Throughput is millions of
+weights per second (best of `quant_reps`, since a background process can only make a rep slower), and
+the error is relative to the weight's RMS.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def ours(s: Setting) -> dict:
     w = weight(s)
     q_s, state = _best(lambda: quantize(w, "nf4", 64, double_quant=True), s.quant_reps)
     dq_s, deq = _best(lambda: dequantize(state, torch.float32), s.quant_reps)
-    return _report(w, q_s, dq_s, deq, quantized_nbytes(state))
+    res = _report(w, q_s, dq_s, deq, quantized_nbytes(state))
+    # QLoRA's training step dequantizes into the compute dtype (bf16 where the CPU is fast at it)
+    dq16_s, _ = _best(lambda: dequantize(state, torch.bfloat16), s.quant_reps)
+    res["dequantize_bf16_mparams_per_s"] = w.numel() / dq16_s / 1e6
+    return res
 
 
 def bnb(s: Setting) -> dict:

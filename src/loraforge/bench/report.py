@@ -163,7 +163,9 @@ def table(res: dict) -> str:
             f"{r['quantize_mparams_per_s'] / qb['quantize_mparams_per_s']:.2f}x / "
             f"{r['dequantize_mparams_per_s'] / qb['dequantize_mparams_per_s']:.2f}x" if _ok(qb) else "-")
         lines.append(f"{'NF4 quant':<12}  {name:<24}  quantize {r['quantize_mparams_per_s']:.0f} M/s, dequantize "
-                     f"{r['dequantize_mparams_per_s']:.0f} M/s, rel RMSE {r['rel_rmse']:.5f}, "
+                     f"{r['dequantize_mparams_per_s']:.0f} M/s"
+                     + (f" (bf16 {r['dequantize_bf16_mparams_per_s']:.0f} M/s)" if "dequantize_bf16_mparams_per_s" in r else "")
+                     + f", rel RMSE {r['rel_rmse']:.5f}, "
                      f"{r['bits_per_param']:.3f} bits/param  ({vs})")
     if _ok(qb) and _ok(qo):
         lines.append(f"{'':<12}  dequantized weights identical: {qb['checksum'] == qo['checksum']}")

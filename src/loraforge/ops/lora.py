@@ -1,7 +1,7 @@
 """The LoRA projection over a frozen base (Hu et al. 2021): y = x W^T + b + s * B(A(dropout(x))).
 
-Dropout is given as its mask: `keep` (bool, from ops.dropout_mask; None = no dropout) and its rate p, so
-the fused form keeps the 1-byte mask for backward instead of a dropped-out copy of x. Products run in
+Dropout is given as its mask: `keep` (0/1 from ops.dropout_mask, or bool; None = no dropout) and its
+rate p, so the fused form keeps the mask for backward instead of a dropped-out copy of x. Products run in
 the compute dtype (autocast's, else x's): a bf16 base with fp32 master A and B runs its products in bf16
 and hands fp32 gradients back to A and B. B @ A is never formed.
 """
@@ -47,10 +47,11 @@ class _FrozenBaseLora(torch.autograd.Function):
     The same expression through autograd materialises B(A xd), its scaled copy and the sum ([T, out]
     each, forward) and adds two [T, in] input gradients (backward); here the low-rank term is added
     into the base output by addmm_ and, without dropout, into the base input gradient by addmm_. Only x,
-    the dropout mask (as keep / (1 - p) in the compute dtype) and the small h = xd A^T [T, r] are saved
-    (xd is rebuilt from x and the mask); W
-    is never given a gradient. A quantized base passes W = None and a `dequant` callable instead,
-    called again in backward rather than keeping the dense W alive.
+    the 0/1 dropout mask (in the compute dtype) and the small h = (x * keep) A^T [T, r] are saved (xd is
+    rebuilt from x and the mask); W is never given a gradient. Dropout's 1 / (1 - p) is not applied to
+    the [T, in] input but folded into s, which scales only [T, r] and [out, r] products (or is a GEMM's
+    alpha), so the mask stays exact 0/1 in bf16. A quantized base passes W = None and a `dequant`
+    callable instead, called again in backward rather than keeping the dense W alive.
     """
 
     @staticmethod
@@ -58,8 +59,7 @@ class _FrozenBaseLora(torch.autograd.Function):
         dt = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)  # [T, in]
-            # the mask as a scaled multiplier in dt, made once: three uses below cost one multiply each
-            m2 = None if keep is None else keep.reshape(x2.shape).to(dt).mul_(1.0 / (1.0 - p))
+            m2 = None if keep is None else keep.reshape(x2.shape).to(dt)  # [T, in] 0/1; no copy when dt
             Wd = (W if W is not None else dequant(dt)).to(dt)  # [out, in]
             Ac, Bc = A.to(dt), B.to(dt)  # [r, in], [out, r]: no copy when already dt
             # written through a 2-D alias so that the output is not a view (callers may add into it in place)
@@ -70,6 +70,7 @@ class _FrozenBaseLora(torch.autograd.Function):
             else:
                 torch.addmm(b.to(dt), x2, Wd.t(), out=out2)
             del Wd
+            s = s if m2 is None else s / (1.0 - p)  # dropout's scale, on the low-rank side
             h = (x2 if m2 is None else x2 * m2) @ Ac.t()  # [T, r]
             out2.addmm_(h, Bc.t(), alpha=s)
         ctx.save_for_backward(x2, m2, W, Ac, Bc, h)
@@ -90,7 +91,7 @@ class _FrozenBaseLora(torch.autograd.Function):
                 dx = g2 @ Wd  # [T, in]
                 if m2 is None:  # no dropout: the low-rank input gradient joins the base one
                     dx.addmm_(gh, A)
-                else:  # through the mask: d xd / d x = keep / (1 - p)
+                else:  # through the mask: d xd / d x = keep (its 1 / (1 - p) is in s)
                     dx.addcmul_(gh @ A, m2)
                 dx = dx.view(ctx.x_shape).to(x_dt)
             if ctx.needs_input_grad[3]:

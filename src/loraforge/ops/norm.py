@@ -29,21 +29,27 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         xf = x.float()
-        y = torch.pow(xf, 2)  # x^2, then overwritten by the output: one [*, H] buffer, not two
-        rstd = torch.rsqrt(y.mean(-1, keepdim=True) + eps)  # [*, 1]
-        y = torch.mul(xf, rstd, out=y).to(x.dtype)
+        if x.dtype == torch.float32:  # the reference's own ops: bit for bit equal (tests/test_ops.py)
+            y = torch.pow(xf, 2)  # x^2, then overwritten by the output: one [*, H] buffer, not two
+            rstd = torch.rsqrt(y.mean(-1, keepdim=True) + eps)  # [*, 1]
+            y = torch.mul(xf, rstd, out=y).to(x.dtype)
+        else:  # xf is a copy: sum x^2 in one fused reduction (no [*, H] x^2) and scale xf in place
+            ss = torch.linalg.vector_norm(xf, 2, -1, keepdim=True).square_()  # [*, 1] sum of x^2
+            rstd = ss.div_(x.shape[-1]).add_(eps).rsqrt_()  # [*, 1]
+            y = xf.mul_(rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y.mul_(weight) if weight.dtype == y.dtype else weight * y
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd  # [*, H]
+        # fp32 copies of 16-bit x and g are scaled in place; fp32 ones (saved, or handed in) must not be
+        xhat = x * rstd if x.dtype == torch.float32 else x.float().mul_(rstd)  # [*, H] fp32
         dw = None
         if ctx.needs_input_grad[1]:
             dw = (g.float() * xhat.to(x.dtype).float()).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype)
-        gx = (g.float() * weight.float())  # d loss / d xhat, in fp32
+        gx = g * weight.float() if g.dtype == torch.float32 else g.float().mul_(weight)  # d loss / d xhat, fp32
         # d xhat_j / d x_i = rstd (delta_ij - xhat_i xhat_j / H)
-        dot = (gx * xhat).mean(-1, keepdim=True)  # [*, 1]
+        dot = (gx * xhat).sum(-1, keepdim=True).div_(x.shape[-1])  # [*, 1]
         dx = gx.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
         return dx, dw, None
