@@ -114,7 +114,7 @@ def main() -> int:
         runs.update(peft_runs(model, tok, engine, prompts, names, dirs, N))
     with contextlib.ExitStack() as stack:
         if args.vllm:
-            runs.update(http_runs(stack, model.source_folder, prompts, names, dirs, N, Path(tmp.name)))
+            runs.update(http_runs(stack, model.source_folder, prompts, names, dirs, N, Path(tmp.name), args.threads))
         outputs, times = measure(runs, args.repeats, f"{B} prompts x {N} new tokens, {args.threads} threads")
 
     tokens = B * N
@@ -208,9 +208,10 @@ def peft_runs(model, tok, engine, prompts, names, dirs, N):
             "d": ("PEFT, set_adapter per request, serially", peft_serial)}
 
 
-def http_runs(stack, folder: Path, prompts, names, dirs, N, tmp: Path):
+def http_runs(stack, folder: Path, prompts, names, dirs, N, tmp: Path, threads: int):
     """Rows (e)-(h): `loraforge serve` and vLLM CPU started here (both stay up for the whole measurement,
-    idle while the other runs), each sent the same concurrent requests."""
+    idle while the other runs), each sent the same concurrent requests. Both compute on `threads` CPUs:
+    torch's threads for ours, vLLM's OpenMP threads bound to CPUs 0..threads-1."""
     if not servers.vllm_python().exists():
         sys.exit(f"{servers.vllm_python()} is missing: run interop/setup.sh first, or pass --no-vllm")
     B = len(prompts)
@@ -219,9 +220,9 @@ def http_runs(stack, folder: Path, prompts, names, dirs, N, tmp: Path):
     ports = {"loraforge": servers.free_port(), "vllm": servers.free_port()}
     starts = {
         "loraforge": (servers.loraforge_command(folder, ports["loraforge"], adapters, max_batch=B,
-                                                max_model_len=max_len), None),
+                                                max_model_len=max_len), {**os.environ, "OMP_NUM_THREADS": str(threads)}),
         "vllm": (servers.vllm_command(folder, ports["vllm"], adapters, max_rank=16, max_loras=B, max_num_seqs=B,
-                                      max_model_len=max_len), servers.vllm_env()),
+                                      max_model_len=max_len), servers.vllm_env(threads)),
     }
     urls = {}
     for system, (cmd, env) in starts.items():

@@ -95,7 +95,7 @@ def check_same(client, ours_, model_name: str, adapter: Path) -> list[list[int]]
         our_ids, our_lp = our_greedy(model, tok, adapter, prompt)
         their_ids, their_lp = vllm_greedy(client, model_name, prompt)
         assert their_ids == our_ids, (q, tok.decode(our_ids), tok.decode(their_ids))
-        torch.testing.assert_close(torch.tensor(their_lp, dtype=torch.float64), torch.tensor(our_lp),
+        torch.testing.assert_close(torch.tensor(their_lp, dtype=torch.float64), torch.tensor(our_lp, dtype=torch.float64),
                                    atol=1e-3, rtol=0)
         outputs.append(our_ids)
     return outputs

@@ -44,7 +44,9 @@ def vllm_command(model: Path, port: int, adapters: dict[str, Path], *, max_rank:
     return cmd
 
 
-def vllm_env() -> dict[str, str]:
+def vllm_env(threads: int | None = None) -> dict[str, str]:
+    """The server's environment. `threads`: bind vLLM's OpenMP threads to CPUs 0..threads-1; by default
+    vLLM keeps one CPU of this machine's two for its scheduler process and computes on the other."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # vLLM's venv, not ours
     env.update(
         VLLM_CPU_KVCACHE_SPACE="1",  # GiB of KV cache: plenty for a 135M model at a 512-token context
@@ -52,6 +54,8 @@ def vllm_env() -> dict[str, str]:
         VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",  # a local folder; nothing may come from a hub
     )
+    if threads:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
     return env
 
 
