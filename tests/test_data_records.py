@@ -150,7 +150,7 @@ BAD = [
     ("d.csv", 'instruction,input,output\n"i",,"o"\n"i2",""\n', r"d.csv:3: missing field 'output'"),
     ("d.csv", 'messages\n"[{""role"": ""user"", ""content"": ""q""}, {""role"": ""assistant""}]"\n',
      r"d.csv:2: messages\[1\]\.content must be a string, got null"),
-    ("d.tsv", "hello", r"d.tsv: unknown data file type '.tsv'; use .jsonl, .json, .csv, .parquet, or .txt"),
+    ("d.xlsx", "hello", r"d.xlsx: unknown data file type '.xlsx'; use .jsonl, .json, .csv, .parquet, or .txt"),
     ("d.parquet", "not parquet", r"d.parquet: not a readable Parquet file"),
 ]
 

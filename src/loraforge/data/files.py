@@ -1,5 +1,6 @@
-"""Read the raw rows of a data file, each with the place it came from: JSONL, JSON arrays, CSV, Parquet,
-and plain text (one {"text": ...} row per paragraph, or per line).
+"""Read the raw rows of a data file, each with the place it came from: JSONL, JSON arrays, CSV and TSV,
+Parquet, and plain text (one {"text": ...} row per paragraph, or per line); the text types also gzip-,
+bzip2- or xz-compressed. Folders and .arrow files are read through the datasets library (hf_datasets.py).
 
 This layer knows file syntax only; what a row must contain is `records.py`'s business. A row that is
 not even parseable (a malformed JSON line) comes back with `error` set rather than raising, so the
@@ -12,9 +13,12 @@ would otherwise cost a minute and gigabytes only to be cut to max_len tokens.
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
 import json
+import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,10 @@ from typing import Any
 
 from ..errors import LoraForgeError
 
-EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+# A compressed text file is read as the file inside it: data.jsonl.gz is JSON lines.
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+TAB = "\t"
 MAX_LINE_BYTES = 4 * 2**20  # TrainConfig.max_line_bytes, --max-line-bytes
 
 
@@ -35,25 +42,39 @@ class Row:
 
 def read_rows(path: str | Path, *, txt_lines: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Row]:
     """The rows of a data file. A .txt file gives one {"text": ...} row per blank-line-separated paragraph,
-    or per non-blank line with `txt_lines`."""
+    or per non-blank line with `txt_lines`. A file compressed with gzip, bzip2 or xz (data.jsonl.gz) is read
+    as the file inside; folders and .arrow files go to the datasets library (hf_datasets.py)."""
+    from . import hf_datasets
+
     p = Path(path)
-    ext = p.suffix.lower()
-    if ext not in EXTENSIONS:
-        raise LoraForgeError(f"{path}: unknown data file type {ext or '(no extension)'!r}; use .jsonl, .json, .csv, "
-                             ".parquet, or .txt for plain text")
+    if hf_datasets.reads(p):
+        yield from hf_datasets.dataset_rows(p, lambda f: read_rows(f, txt_lines=txt_lines,
+                                                                    max_line_bytes=max_line_bytes))
+        return
+    compression = COMPRESSIONS.get(p.suffix.lower())
+    ext = Path(p.stem).suffix.lower() if compression else p.suffix.lower()
+    if ext not in EXTENSIONS and not p.exists():
+        raise LoraForgeError(f"{path}: no such file or folder; {hf_datasets.HUB_HINT}")
+    if ext not in EXTENSIONS or (compression and ext == ".parquet"):
+        raise LoraForgeError(f"{path}: unknown data file type {p.suffix.lower() or '(no extension)'!r}; use .jsonl, "
+                             ".json, .csv, .parquet, or .txt for plain text (also .tsv, .arrow, a .gz, .bz2 or .xz "
+                             "of a text file, or a folder the datasets library reads)")
     if not p.is_file():
         raise LoraForgeError(f"{path}: no such file")
     if ext == ".parquet":
         yield from _parquet_rows(path)
         return
     try:
-        text = p.read_text(encoding="utf-8-sig")  # -sig: editors on Windows prepend a byte-order mark
+        with (compression or open)(p, "rb") as f:
+            text = f.read().decode("utf-8-sig")  # -sig: editors on Windows prepend a byte-order mark
     except UnicodeDecodeError as e:
         raise LoraForgeError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
     except OSError as e:
-        raise LoraForgeError(f"{path}: cannot read ({e.strerror})") from None
-    if ext == ".csv":
-        yield from _csv_rows(path, text, max_line_bytes)
+        raise LoraForgeError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (EOFError, lzma.LZMAError) as e:  # gzip's BadGzipFile is an OSError
+        raise LoraForgeError(f"{path}: not a readable compressed file ({e})") from None
+    if ext in (".csv", ".tsv"):
+        yield from _csv_rows(path, text, max_line_bytes, TAB if ext == ".tsv" else ",")
     elif ext == ".txt":
         yield from _text_rows(path, text, txt_lines, max_line_bytes)
     elif ext == ".json" and text.lstrip().startswith("["):
@@ -152,8 +173,9 @@ def _json_array_rows(path, text: str, max_line_bytes: int) -> Iterator[Row]:
         raise LoraForgeError(f"{path}:{at}: not valid JSON (expected ',' or ']' between array elements)")
 
 
-def _csv_rows(path, text: str, max_line_bytes: int) -> Iterator[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": quoted cells keep their line breaks
+def _csv_rows(path, text: str, max_line_bytes: int, delimiter: str) -> Iterator[Row]:
+    # newline="": quoted cells keep their line breaks
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header: list[str] | None = None
     start = 1  # a quoted cell may span lines, so each row starts on the line after the previous one ended
     try:
@@ -166,9 +188,9 @@ def _csv_rows(path, text: str, max_line_bytes: int) -> Iterator[Row]:
                 continue
             if len(cells) > len(header):  # an unquoted comma, most likely: the cells no longer line up
                 yield Row(where, error=f"{len(cells)} cells, but the header has {len(header)} (quote cells that "
-                                       "hold commas)")
+                                       f"hold {'tabs' if delimiter == TAB else 'commas'})")
                 continue
-            long = _too_long(",".join(cells), max_line_bytes)
+            long = _too_long(delimiter.join(cells), max_line_bytes)
             if long:
                 yield Row(where, error=f"the row is {long}")
                 continue
