@@ -211,19 +211,9 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors.save_file, written to a temp file and renamed."""
+    """safetensors.save_file, written to a temp file and renamed (with the mode the JSON beside it gets:
+    save_file itself creates files 0600)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        # save_file creates the file anew with mode 0600; give it the mode the JSON beside it gets
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        _raise_if_disk_full(e, path)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
