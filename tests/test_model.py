@@ -205,3 +205,15 @@ def test_frozen_linear_equals_f_linear(tokens, with_bias, d_in):
     w.requires_grad_(True)  # with autograd recording, it is F.linear itself
     frozen_linear(x, w, b).sum().backward()
     assert w.grad is not None
+
+
+def test_generate_refuses_prompt_ids_outside_the_vocabulary(tmp_path, smol_folder):
+    """A model whose vocabulary is smaller than its tokenizer's ids: one sentence, not an IndexError."""
+    from loraforge.errors import LoraForgeError
+    from loraforge.generate import SamplingParams, generate_ids
+    from loraforge.model import load_model
+
+    folder = make_tiny_folder(tmp_path / "m", smol_folder, vocab_size=96)
+    model, _ = load_model(str(folder), device="cpu", dtype="float32")
+    with pytest.raises(LoraForgeError, match="outside the model's vocabulary of 96"):
+        generate_ids(model, [[5, 6], [7, 4000]], SamplingParams(max_new_tokens=2), set())

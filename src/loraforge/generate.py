@@ -109,6 +109,12 @@ def generate_ids(
     """
     dev = model.inv_freq.device
     B = len(prompts)
+    vocab = model.config.vocab_size
+    for p in prompts:
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise LoraForgeError(f"prompt token id {bad} is outside the model's vocabulary of {vocab} ids: the "
+                                 "tokenizer does not belong to this model (check the model folder's tokenizer files)")
     if prefix is None:
         prefix = active_prefix(model, 1, adapter_ids)
     L = max(len(p) for p in prompts)
