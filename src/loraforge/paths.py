@@ -96,6 +96,15 @@ def _raise_if_disk_full(e: BaseException, dest: Path) -> None:
                             "and the files written before are intact; free some space and run again", dest) from None
 
 
+def _input_under(real: Path, inputs: Iterable[str | os.PathLike]):
+    """The first of `inputs` that is `real` (a resolved output path) or lies inside it, else None."""
+    for src in inputs:
+        s = Path(os.path.realpath(src))
+        if real == s or real in s.parents:
+            return src
+    return None
+
+
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
                      flag: str = "--out", marker: str = "config.json") -> Path:
     """Refuse an output folder whose replacement could destroy the user's files, before any work starts.
@@ -106,11 +115,10 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool, inputs: Iterabl
     """
     out = Path(out)
     real = Path(os.path.realpath(out))
-    for src in inputs:
-        s = Path(os.path.realpath(src))
-        if real == s or real in s.parents:
-            raise LoraForgeError(f"{flag} {out}: holds the input {src}, which writing there would delete; "
-                                 "choose another folder")
+    src = _input_under(real, inputs)
+    if src is not None:
+        raise LoraForgeError(f"{flag} {out}: holds the input {src}, which writing there would delete; "
+                             "choose another folder")
     if not out.exists() and not out.is_symlink():
         return out
     if not out.is_dir():
@@ -154,12 +162,10 @@ def check_output_file(out: str | os.PathLike, *, overwrite: bool, inputs: Iterab
                       flag: str = "--out") -> Path:
     """Refuse an output file that is one of `inputs`, a folder, or (without `overwrite`) an existing file."""
     out = Path(out)
-    real = Path(os.path.realpath(out))
-    for src in inputs:
-        s = Path(os.path.realpath(src))
-        if real == s or real in s.parents:
-            raise LoraForgeError(f"{flag} {out}: is the input {src}, which writing there would destroy; "
-                                 f"choose another {flag}")
+    src = _input_under(Path(os.path.realpath(out)), inputs)
+    if src is not None:
+        raise LoraForgeError(f"{flag} {out}: is the input {src}, which writing there would destroy; "
+                             f"choose another {flag}")
     if out.is_dir():
         raise LoraForgeError(f"{flag} {out}: is a folder; pass a file name")
     if (out.exists() or out.is_symlink()) and not overwrite:
@@ -186,20 +192,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        _raise_if_disk_full(e, path)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
