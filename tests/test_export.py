@@ -272,8 +272,7 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": 
              "qwen3_moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
              "phi3": "phi3", "olmo2": "olmo2"}
 # What llama.cpp cannot read from a GGUF file is refused (test below); here the families without it.
-EXPORTABLE = {"llama": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-              "qwen3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+EXPORTABLE = {"qwen3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
               "qwen3_moe": dict(norm_topk_prob=True),
               "gemma2": dict(query_pre_attn_scalar=8, tie_word_embeddings=True), "gemma3_text": dict(query_pre_attn_scalar=8)}
 
@@ -303,7 +302,9 @@ def test_every_family_exports_llama_cpp_names_and_shapes(family, tmp_path, smol_
     assert fields[f"{arch}.attention.head_count_kv"] == model.config.num_key_value_heads
     assert set(tensors) <= allowed_names(arch, 2), set(tensors) - allowed_names(arch, 2)
     sd = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-    assert sum(int(np.prod(t.shape)) for t in tensors.values()) == sum(v.numel() for v in sd.values())
+    weights = {k: t for k, t in tensors.items() if k != "rope_freqs.weight"}  # llama3 rope's factors (llama)
+    assert sum(int(np.prod(t.shape)) for t in weights.values()) == sum(v.numel() for v in sd.values())
+    assert ("rope_freqs.weight" in tensors) == (family == "llama")
     if model.config.num_experts:
         assert fields[f"{arch}.expert_count"] == 4
         E, two_i, H = sd["model.layers.0.mlp.experts.gate_up_proj"].shape
@@ -322,13 +323,16 @@ def test_every_family_exports_llama_cpp_names_and_shapes(family, tmp_path, smol_
         assert t.shape[0 if name.endswith("lora_a") else 1] == base.shape[0 if name.endswith("lora_a") else 1]
 
 
-@pytest.mark.parametrize("family,field", [("llama", "rope_scaling 'llama3'"), ("qwen3", "rope_scaling 'yarn'"),
+@pytest.mark.parametrize("family,field", [("qwen2", "rope_scaling 'llama3'"), ("qwen3", "rope_scaling 'yarn'"),
                                           ("gemma2", "query_pre_attn_scalar"),
                                           ("gemma", "tie_word_embeddings"), ("qwen3_moe", "norm_topk_prob")])
 def test_what_llama_cpp_cannot_express_is_refused_by_name(family, field, tmp_path, smol_folder, capsys):
     from test_families import build
 
-    untied = dict(tie_word_embeddings=False) if family == "gemma" else {}
-    build(family, tmp_path / family, smol_folder, vocab_size=49152, **untied)
+    # llama3 rope is written for the llama architecture only (llama.cpp's rope_freqs)
+    llama3 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
+    extra = {"gemma": dict(tie_word_embeddings=False), "qwen2": llama3}.get(family, {})
+    build(family, tmp_path / family, smol_folder, vocab_size=49152, **extra)
     assert export("--model", tmp_path / family, "--to", "gguf", "--out", tmp_path / "m.gguf") == 2
     assert field in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()

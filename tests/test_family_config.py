@@ -87,7 +87,7 @@ def write_gguf(path, arch: str, **fields) -> None:
 
 @pytest.mark.parametrize(("arch", "fields", "named"), [
     ("falcon", {}, "'falcon'"),
-    ("llama", {"llama.expert_count": 8}, "'llama with experts'"),  # llama.cpp's Mixtral
+    ("qwen2moe", {}, "'qwen2moe'"),
 ])
 def test_gguf_of_unsupported_family_is_refused_before_conversion(tmp_path, monkeypatch, arch, fields, named):
     from loraforge.model import resolve_source

@@ -4,8 +4,9 @@ The weights are lora.merge_export.merged_state_dict's (an NF4 base dequantized f
 tables and put in llama.cpp's layouts:
 - llama architecture (Llama, Mistral, Mixtral): q and k rows in llama.cpp's rope order (gguf_names.rope_rows);
 - Gemma: norm weights stored as 1 + w, since llama.cpp's RMSNorm multiplies by w itself;
-- MoE: the stacked experts [E, 2I, H] split into ffn_gate_exps / ffn_up_exps [E, I, H].
-Hyperparameters llama.cpp cannot express (llama3 / yarn rope scaling, a non-default attention scale, MoE
+- MoE: the stacked experts [E, 2I, H] split into ffn_gate_exps / ffn_up_exps [E, I, H];
+- llama3 rope scaling: the per-frequency factors as ``rope_freqs``, as llama.cpp's converter writes them.
+model/gguf_read.py reads all of this back. Hyperparameters llama.cpp cannot express (yarn rope scaling, a non-default attention scale, MoE
 models with dense layers) are refused by name before a file is opened.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..errors import LoraForgeError
 from ..lora.merge_export import merged_state_dict
+from ..model.gguf_read import llama3_rope_factors
 from ..paths import atomic_file
 from .gguf_names import gguf_arch, name_map, rope_heads, rope_rows, tensor_name
 from .gguf_vocab import add_tokenizer
@@ -33,9 +35,10 @@ def check_exportable(cfg) -> None:
     """Refuse, by field, what llama.cpp's implementation of this family cannot express."""
     arch = gguf_arch(cfg.model_type)
     where = f"config.json ({cfg.model_type})"
-    if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") != "linear":
-        raise LoraForgeError(f"{where}: rope_scaling {cfg.rope_scaling.get('rope_type')!r} is not written to GGUF by "
-                             "loraforge (only linear scaling is)")
+    kind = None if cfg.rope_scaling is None else cfg.rope_scaling.get("rope_type")
+    if kind not in (None, "linear") and not (kind == "llama3" and arch == "llama"):
+        raise LoraForgeError(f"{where}: rope_scaling {kind!r} is not written to GGUF by loraforge (linear is, and "
+                             "llama3 on the llama architecture)")
     if cfg.attn_scale is not None and abs(cfg.attn_scale / _llama_cpp_attn_scale(arch, cfg) - 1) > 1e-6:
         raise LoraForgeError(f"{where}: query_pre_attn_scalar sets an attention scale that llama.cpp does not "
                              "read from a GGUF file (it uses 1/sqrt(head_dim))")
@@ -77,6 +80,10 @@ def gguf_tensors(model: nn.Module, adapter: str | None) -> tuple[dict[str, torch
             if heads is not None:
                 part = rope_rows(part, heads)
             out[tensor_name(names, part_key)] = part.contiguous()
+    if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "llama3":
+        # llama.cpp divides each rope frequency by its factor from this tensor, as its own converter writes it
+        factors = llama3_rope_factors(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta)
+        out["rope_freqs.weight"] = torch.from_numpy(factors.astype(np.float32))
     return out, quantized
 
 
@@ -127,7 +134,7 @@ def _hparams(w, cfg) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.rope_scaling is not None:  # linear only (check_exportable)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "linear":  # llama3: rope_freqs
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
     windows = [x for x in cfg.layer_windows if x is not None]
@@ -135,7 +142,7 @@ def _hparams(w, cfg) -> None:
         w.add_sliding_window(max(windows))
         if arch in ("gemma2", "gemma3"):
             w.add_sliding_window_pattern([x is not None for x in cfg.layer_windows])
-        elif arch != "phi3":
+        else:  # phi3: llama.cpp reads the window but has switched Phi's off (llama.cpp PR 13676)
             log.warning("llama.cpp's %s ignores the sliding window (%d): it attends to the whole context",
                         arch, max(windows))
     if cfg.rope_local is not None:
