@@ -2,7 +2,7 @@
 SmolLM2-135M, in one run.
 
     .venv/bin/python bench/bench_serve.py [--prompts 8] [--new-tokens 32] [--repeats 3] [--threads 2]
-                                          [--no-peft] [--no-vllm]
+                                          [--dtype float32|bfloat16] [--no-peft] [--no-vllm]
 
 Rows (greedy, every row generates exactly --new-tokens tokens, prefill included in the time):
   (a)  ours: one batch, every row on the same adapter
@@ -15,7 +15,8 @@ Rows (greedy, every row generates exactly --new-tokens tokens, prefill included 
   (g)  vLLM CPU (interop/setup_vllm.sh's venv) over HTTP, as (e): the server a user would pick for many adapters
   (h)  vLLM CPU over HTTP, as (f) (--max-loras = --prompts, so every adapter shares the batch)
 (e)-(h) send token-id prompts with temperature 0 and min_tokens = max_tokens = --new-tokens to servers started
-here (fp32, the same adapter folders); a request round is timed from the first send to the last answer.
+here (both in --dtype: fp32 by default; bfloat16 is what each picks by default on a CPU with fast bf16, such
+as AMX; the same adapter folders); a request round is timed from the first send to the last answer.
 Adapters: r=16, alpha=32 on every linear layer, random non-zero B. Runs are interleaved round by round and
 the best of --repeats rounds is reported (the medians are in the JSON too): on a shared machine the best
 run is the one least disturbed by other processes. Prints a table; writes bench/serve_results.json.
@@ -83,6 +84,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="every row's compute dtype (PEFT's rows: its model cast to it)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="rows (a'), (c), (d)")
     ap.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True,
                     help="rows (e)-(h): loraforge serve against vLLM CPU (needs interop/setup_vllm.sh)")
@@ -91,7 +94,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     B, N = args.prompts, args.new_tokens
 
-    model, tok = load_model(None, device="cpu", dtype="float32")
+    model, tok = load_model(None, device="cpu", dtype=args.dtype)
     tmp = tempfile.TemporaryDirectory()
     dirs = make_adapters(model, Path(tmp.name), B)
     names = [f"ad{i}" for i in range(B)]
@@ -114,7 +117,8 @@ def main() -> int:
         runs.update(peft_runs(model, tok, engine, prompts, names, dirs, N))
     with contextlib.ExitStack() as stack:
         if args.vllm:
-            runs.update(http_runs(stack, model.source_folder, prompts, names, dirs, N, Path(tmp.name), args.threads))
+            runs.update(http_runs(stack, model.source_folder, prompts, names, dirs, N, Path(tmp.name), args.threads,
+                                  args.dtype))
         outputs, times = measure(runs, args.repeats, f"{B} prompts x {N} new tokens, {args.threads} threads")
 
     tokens = B * N
@@ -129,7 +133,7 @@ def main() -> int:
     agree = {f"{x}_vs_{y}": sum(p == q for p, q in zip(outputs[x], outputs[y], strict=True))
              for x, y in (("b", "c"), ("a", "a'"), ("f", "h"), ("e", "g")) if x in outputs and y in outputs}
 
-    print(f"\nmulti-adapter decoding, embedded SmolLM2-135M fp32 CPU, {B} prompts x {N} new tokens, greedy, "
+    print(f"\nmulti-adapter decoding, embedded SmolLM2-135M {args.dtype} CPU, {B} prompts x {N} new tokens, greedy, "
           f"{args.threads} threads, best of {args.repeats}")
     print(f"{'run':<5}{'what':<58}{'tok/s':>8}{'vs (a)':>8}")
     for k, (what, _) in runs.items():
@@ -139,7 +143,7 @@ def main() -> int:
     print("greedy rows equal: " + ", ".join(f"{k} {v}/{B}" for k, v in agree.items()))
 
     result = {
-        "model": engine.base_name, "dtype": "float32", "device": "cpu", "threads": args.threads,
+        "model": engine.base_name, "dtype": args.dtype, "device": "cpu", "threads": args.threads,
         "prompts": B, "new_tokens": N, "repeats": args.repeats, "adapter_rank": 16, "adapters": B,
         "platform": platform.platform(), "torch": torch.__version__, "vllm": vllm_version() if args.vllm else None,
         "runs": {k: {"what": w, "tokens_per_s": tps[k], "tokens_per_s_median": tps_median[k], "seconds": times[k]}
@@ -173,7 +177,8 @@ def peft_runs(model, tok, engine, prompts, names, dirs, N):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(model.source_folder), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(model.source_folder),
+                                              dtype=model.model.embed_tokens.weight.dtype).eval()
     # the same end-of-sequence ids on both sides, so that both suppress the same tokens until N are out
     eos = hf.generation_config.eos_token_id
     engine.eos = {eos} if isinstance(eos, int) else set(eos or [])
@@ -208,7 +213,7 @@ def peft_runs(model, tok, engine, prompts, names, dirs, N):
             "d": ("PEFT, set_adapter per request, serially", peft_serial)}
 
 
-def http_runs(stack, folder: Path, prompts, names, dirs, N, tmp: Path, threads: int):
+def http_runs(stack, folder: Path, prompts, names, dirs, N, tmp: Path, threads: int, dtype: str):
     """Rows (e)-(h): `loraforge serve` and vLLM CPU started here (both stay up for the whole measurement,
     idle while the other runs), each sent the same concurrent requests. Both compute on `threads` CPUs:
     torch's threads for ours, vLLM's OpenMP threads bound to CPUs 0..threads-1."""
@@ -220,9 +225,10 @@ def http_runs(stack, folder: Path, prompts, names, dirs, N, tmp: Path, threads: 
     ports = {"loraforge": servers.free_port(), "vllm": servers.free_port()}
     starts = {
         "loraforge": (servers.loraforge_command(folder, ports["loraforge"], adapters, max_batch=B,
-                                                max_model_len=max_len), {**os.environ, "OMP_NUM_THREADS": str(threads)}),
+                                                max_model_len=max_len, dtype=dtype),
+                      {**os.environ, "OMP_NUM_THREADS": str(threads)}),
         "vllm": (servers.vllm_command(folder, ports["vllm"], adapters, max_rank=16, max_loras=B, max_num_seqs=B,
-                                      max_model_len=max_len), servers.vllm_env(threads)),
+                                      max_model_len=max_len, dtype=dtype), servers.vllm_env(threads)),
     }
     urls = {}
     for system, (cmd, env) in starts.items():

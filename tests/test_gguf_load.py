@@ -134,8 +134,9 @@ def test_rope_factors_that_are_no_llama3_scaling_are_refused():
 
 # --- files we cannot read faithfully ---------------------------------------------------------------------------
 
-def rewrite(src, dst, *, drop=(), add=None, fields=None):
-    """A copy of the GGUF file `src` without the tensors `drop`, with tensors `add` and header `fields` set."""
+def rewrite(src, dst, *, drop=(), add=None, fields=None, drop_keys=()):
+    """A copy of the GGUF file `src` without the tensors `drop` and header keys `drop_keys`, with tensors `add`
+    and header `fields` (uint32) set."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     r = GGUFReader(str(src))
@@ -143,7 +144,7 @@ def rewrite(src, dst, *, drop=(), add=None, fields=None):
     w = GGUFWriter(str(dst), arch)
     fields = fields or {}
     for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
+        if key.startswith("GGUF.") or key == "general.architecture" or key in fields or key in drop_keys:
             continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -190,3 +191,22 @@ def test_gguf_model_runs_through_the_cli(llama_gguf, tmp_path, home, capsys):
     assert main(["generate", "--model", str(llama_gguf), "--prompt", "Hello", "--max-new-tokens", "3", "--raw",
                  "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_gemma3_windows_follow_llama_cpps_defaults(tmp_path, smol_folder, home):
+    """Without a stored pattern, five of each six Gemma 3 layers slide; without a window, none does."""
+    build("gemma3_text", tmp_path / "g", smol_folder, vocab_size=49152, **ROUNDTRIP["gemma3_text"])
+    assert export("--model", tmp_path / "g", "--to", "gguf", "--outtype", "f32", "--out", tmp_path / "g.gguf") == 0
+    assert load_model(str(tmp_path / "g.gguf"), device="cpu")[0].config.layer_windows == [6, None]  # stored
+    rewrite(tmp_path / "g.gguf", tmp_path / "p.gguf", drop_keys=("gemma3.attention.sliding_window_pattern",))
+    assert load_model(str(tmp_path / "p.gguf"), device="cpu")[0].config.layer_windows == [6, 6]
+    rewrite(tmp_path / "p.gguf", tmp_path / "n.gguf", drop_keys=("gemma3.attention.sliding_window",))
+    assert load_model(str(tmp_path / "n.gguf"), device="cpu")[0].config.layer_windows == [None, None]
+
+
+def test_olmo2_with_a_sliding_window_is_refused(tmp_path, smol_folder, home):
+    build("olmo2", tmp_path / "o", smol_folder, vocab_size=49152)
+    assert export("--model", tmp_path / "o", "--to", "gguf", "--outtype", "f32", "--out", tmp_path / "o.gguf") == 0
+    rewrite(tmp_path / "o.gguf", tmp_path / "w.gguf", fields={"olmo2.attention.sliding_window": 4})
+    with pytest.raises(LoraForgeError, match="olmo2.attention.sliding_window is set"):
+        resolve_source(str(tmp_path / "w.gguf"))

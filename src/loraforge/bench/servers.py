@@ -32,11 +32,11 @@ def free_port() -> int:
 
 
 def vllm_command(model: Path, port: int, adapters: dict[str, Path], *, max_rank: int, max_loras: int,
-                 max_num_seqs: int = 8, max_model_len: int = 512) -> list[str]:
-    """vLLM's OpenAI server on a local HF folder in fp32 with LoRA; the base model is served as "base"."""
+                 max_num_seqs: int = 8, max_model_len: int = 512, dtype: str = "float32") -> list[str]:
+    """vLLM's OpenAI server on a local HF folder with LoRA (fp32 unless `dtype`); the base is served as "base"."""
     cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
            "--port", str(port), "--model", str(model), "--served-model-name", "base",
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+           "--dtype", dtype, "--enforce-eager", "--max-model-len", str(max_model_len),
            "--max-num-seqs", str(max_num_seqs), "--enable-lora", "--max-lora-rank", str(max_rank),
            "--max-loras", str(max_loras)]
     if adapters:
@@ -60,9 +60,9 @@ def vllm_env(threads: int | None = None) -> dict[str, str]:
 
 
 def loraforge_command(model: Path, port: int, adapters: dict[str, Path], *, max_batch: int = 8,
-                      max_model_len: int = 512) -> list[str]:
+                      max_model_len: int = 512, dtype: str = "float32") -> list[str]:
     cmd = [sys.executable, "-m", "loraforge", "serve", "--model", str(model), "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "float32", "--max-batch", str(max_batch),
+           "--host", "127.0.0.1", "--dtype", dtype, "--max-batch", str(max_batch),
            "--max-model-len", str(max_model_len)]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]

@@ -149,17 +149,23 @@ def hf_config(g: GGUFModel, model_type: str) -> dict[str, Any]:
         cfg["decoder_sparse_step"], cfg["mlp_only_layers"] = 1, []
     if model_type == "qwen2":
         cfg["use_sliding_window"] = False  # llama.cpp's qwen2 attends to the whole context
+    if model_type == "olmo2" and window:
+        raise LoraForgeError(f"{g.path}: olmo2.attention.sliding_window is set (OLMo 3's sliding layers); loraforge's "
+                             "olmo2 attends to the whole context")
     if model_type in ("gemma2", "gemma3_text"):
         # llama.cpp scales q.k by 1/sqrt(head_dim), except on the 27B models (46 / 62 layers)
         big = (g.arch, n_layers) in (("gemma2", 46), ("gemma3", 62))
         cfg["query_pre_attn_scalar"] = hidden // heads if big else head_dim
+        # llama.cpp's defaults: Gemma 2 slides over 4096 positions; a Gemma 3 file without a window has none
+        swa = _swa_layers(g, n_layers) if window or g.arch == "gemma2" else [False] * n_layers
         cfg["sliding_window"] = int(window) if window else 4096
-        cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in _swa_layers(g, n_layers)]
+        cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in swa]
     if model_type == "gemma2":
         cfg["attn_logit_softcapping"] = _f32(g.get("attn_logit_softcapping", 50.0))
         cfg["final_logit_softcapping"] = _f32(g.get("final_logit_softcapping", 30.0))
     if model_type == "gemma3_text":
-        cfg["attn_logit_softcapping"] = cfg["final_logit_softcapping"] = None
+        final = g.get("final_logit_softcapping", 0.0)
+        cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"] = None, _f32(final) if final else None
         local = {"rope_type": "default", "rope_theta": _f32(g.get("rope.freq_base_swa", 10000.0))}
         cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
     else:
