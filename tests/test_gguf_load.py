@@ -175,6 +175,7 @@ def llama_gguf(tmp_path_factory, smol_folder):
     (dict(add={"blk.0.ssm_a": np.ones(4, np.float32)}), "tensors blk.0.ssm_a have no place in a llama model"),
     (dict(drop=("blk.1.ffn_down.weight",)), "no tensor 'blk.1.ffn_down.weight'"),
     (dict(fields={"llama.rope.dimension_count": 4}), "llama.rope.dimension_count = 4"),
+    (dict(drop_keys=("llama.embedding_length",)), "the GGUF header has no 'llama.embedding_length'"),
     (dict(add={"rope_freqs.weight": np.array([1.0, 3.0, 2.0, 8.0], np.float32)}, drop=("rope_freqs.weight",)),
      "rope_freqs.weight holds per-frequency rope factors"),
 ])

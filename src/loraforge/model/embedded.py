@@ -66,10 +66,13 @@ def converted_folder(gguf: str | os.PathLike) -> Path:
     g = GGUFModel(gguf)
     model_type = model_type_of(g)  # an unsupported family is refused before any conversion
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, dest)
-    cfg = hf_config(g, model_type)
-    cfg["architectures"] = [ARCHITECTURES[model_type]]
-    ModelConfig.from_hf(cfg, str(gguf))  # everything we would refuse later, refused before reading tensors
-    state = hf_state_dict(g, cfg)
+    try:
+        cfg = hf_config(g, model_type)
+        cfg["architectures"] = [ARCHITECTURES[model_type]]
+        ModelConfig.from_hf(cfg, str(gguf))  # everything we would refuse later, refused before reading tensors
+        state = hf_state_dict(g, cfg)
+    except (TypeError, ValueError) as e:  # a header value of the wrong kind (a string for a count, ...)
+        raise LoraForgeError(f"{gguf}: malformed GGUF header ({type(e).__name__}: {e})") from None
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
 
     try:  # the family's tokenizer class, as AutoTokenizer picks it (which also needs transformers' GGUF config)
