@@ -24,8 +24,7 @@ from loraforge.model.gguf_read import llama3_rope_factors, llama3_rope_from_fact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Per family, what llama.cpp can express (test_export.py refuses the rest by name). The tokenizer is SmolLM2's,
-# so the vocabulary is its size. llama keeps its llama3 rope and biases; mistral and mixtral their window.
+# Per family, what llama.cpp can express (test_export.py refuses the rest by name). llama keeps its llama3 rope and biases; mistral and mixtral their window.
 ROUNDTRIP = {
     "qwen2": dict(use_sliding_window=False),  # llama.cpp's qwen2 has no sliding window
     "qwen3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
@@ -47,6 +46,28 @@ def maths(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_MATHS}
 
 
+VOCAB = 320  # a byte-level BPE of 300 tokens (below), embedding rows to spare
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A folder with a 300-token byte-level BPE tokenizer.json, trained here: SmolLM2's 49k tokens and merges
+    would make every export and conversion below parse and build a full-size vocabulary (~8 s each)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world, hello GGUF"] * 20, trainer)
+    folder = tmp_path_factory.mktemp("tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(
+        str(folder))
+    return folder
+
+
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path / "home"))
@@ -54,21 +75,21 @@ def home(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_exported_to_gguf_loads_back_as_the_same_model(family, tmp_path, smol_folder, home):
-    build(family, tmp_path / family, smol_folder, vocab_size=49152, **ROUNDTRIP.get(family, {}))
+def test_every_family_exported_to_gguf_loads_back_as_the_same_model(family, tmp_path, tiny_tokenizer, home):
+    build(family, tmp_path / family, tiny_tokenizer, vocab_size=VOCAB, **ROUNDTRIP.get(family, {}))
     assert export("--model", tmp_path / family, "--to", "gguf", "--outtype", "f32", "--out", tmp_path / "m.gguf") == 0
     ours, _ = load_model(str(tmp_path / family), device="cpu", dtype="float32")
     back, _ = load_model(str(tmp_path / "m.gguf"), device="cpu", dtype="float32")
     assert maths(back.config) == maths(ours.config)
-    x = torch.randint(3, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = ours(x), back(x)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * a.abs().max().item())
     assert [p.name for p in home.glob("models/*")] == [next(home.glob("models/*")).name]  # one cached folder
 
 
-def test_a_quantized_export_loads_within_its_quantization_error(tmp_path, smol_folder, home):
-    build("gemma3_text", tmp_path / "g", smol_folder, vocab_size=49152, **ROUNDTRIP["gemma3_text"])
+def test_a_quantized_export_loads_within_its_quantization_error(tmp_path, tiny_tokenizer, home):
+    build("gemma3_text", tmp_path / "g", tiny_tokenizer, vocab_size=VOCAB, **ROUNDTRIP["gemma3_text"])
     assert export("--model", tmp_path / "g", "--to", "gguf", "--outtype", "q8_0", "--out", tmp_path / "q.gguf") == 0
     ours, _ = load_model(str(tmp_path / "g"), device="cpu", dtype="float32")
     back, _ = load_model(str(tmp_path / "q.gguf"), device="cpu", dtype="float32")
@@ -76,7 +97,7 @@ def test_a_quantized_export_loads_within_its_quantization_error(tmp_path, smol_f
         q = back.state_dict()[name]
         # Q8_0: half a step of absmax/127, plus the f16 rounding of the block's scale
         assert (q - p).abs().max() <= p.abs().max() * (0.5 / 127 + 1e-3), name
-    x = torch.randint(3, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = ours(x).flatten(), back(x).flatten()
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999 and not torch.equal(a, b)
@@ -163,9 +184,9 @@ def rewrite(src, dst, *, drop=(), add=None, fields=None, drop_keys=()):
 
 
 @pytest.fixture(scope="module")
-def llama_gguf(tmp_path_factory, smol_folder):
+def llama_gguf(tmp_path_factory, tiny_tokenizer):
     d = tmp_path_factory.mktemp("llama")
-    build("llama", d / "llama", smol_folder, vocab_size=49152)
+    build("llama", d / "llama", tiny_tokenizer, vocab_size=VOCAB)
     assert export("--model", d / "llama", "--to", "gguf", "--outtype", "f32", "--out", d / "m.gguf") == 0
     return d / "m.gguf"
 
@@ -194,9 +215,9 @@ def test_gguf_model_runs_through_the_cli(llama_gguf, tmp_path, home, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_gemma3_windows_follow_llama_cpps_defaults(tmp_path, smol_folder, home):
+def test_gemma3_windows_follow_llama_cpps_defaults(tmp_path, tiny_tokenizer, home):
     """Without a stored pattern, five of each six Gemma 3 layers slide; without a window, none does."""
-    build("gemma3_text", tmp_path / "g", smol_folder, vocab_size=49152, **ROUNDTRIP["gemma3_text"])
+    build("gemma3_text", tmp_path / "g", tiny_tokenizer, vocab_size=VOCAB, **ROUNDTRIP["gemma3_text"])
     assert export("--model", tmp_path / "g", "--to", "gguf", "--outtype", "f32", "--out", tmp_path / "g.gguf") == 0
     assert load_model(str(tmp_path / "g.gguf"), device="cpu")[0].config.layer_windows == [6, None]  # stored
     rewrite(tmp_path / "g.gguf", tmp_path / "p.gguf", drop_keys=("gemma3.attention.sliding_window_pattern",))
@@ -205,8 +226,8 @@ def test_gemma3_windows_follow_llama_cpps_defaults(tmp_path, smol_folder, home):
     assert load_model(str(tmp_path / "n.gguf"), device="cpu")[0].config.layer_windows == [None, None]
 
 
-def test_olmo2_with_a_sliding_window_is_refused(tmp_path, smol_folder, home):
-    build("olmo2", tmp_path / "o", smol_folder, vocab_size=49152)
+def test_olmo2_with_a_sliding_window_is_refused(tmp_path, tiny_tokenizer, home):
+    build("olmo2", tmp_path / "o", tiny_tokenizer, vocab_size=VOCAB)
     assert export("--model", tmp_path / "o", "--to", "gguf", "--outtype", "f32", "--out", tmp_path / "o.gguf") == 0
     rewrite(tmp_path / "o.gguf", tmp_path / "w.gguf", fields={"olmo2.attention.sliding_window": 4})
     with pytest.raises(LoraForgeError, match="olmo2.attention.sliding_window is set"):
