@@ -81,6 +81,16 @@ def ids(B=2, S=14, seed=0):
     return torch.randint(3, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_mixed_equals_rows_alone(model, x, names):
+    """One forward of the rows of x, each on its adapter in `names` (None: the base), equals each row run
+    alone with its adapter active."""
+    with torch.no_grad():
+        mixed = model(x, adapter_ids=adapter_ids_for(model, names))
+        for row, a in enumerate(names):
+            set_adapter(model, a)
+            torch.testing.assert_close(mixed[row], model(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+
+
 def assert_logits_close(ours, theirs):
     """fp32: equal to 1e-5 of the logits' scale."""
     scale = theirs.abs().max().item()
@@ -159,13 +169,7 @@ def test_mixed_batch_equals_rows_alone(family):
     for i, a in enumerate(("a", "b")):
         add_lora(model, a, LoraConfig(r=2 + i, alpha=4, dropout=0.0))
         randomize_adapter(model, a, seed=10 + i)
-    x = ids(3, 10, seed=4)
-    names = ["a", None, "b"]
-    with torch.no_grad():
-        mixed = model(x, adapter_ids=adapter_ids_for(model, names))
-        for row, a in enumerate(names):
-            set_adapter(model, a)
-            torch.testing.assert_close(mixed[row], model(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+    assert_mixed_equals_rows_alone(model, ids(3, 10, seed=4), ["a", None, "b"])
 
 
 def test_qwen3_moe_dense_layers_equal_transformers(tmp_path, smol_folder):

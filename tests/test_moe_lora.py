@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_adapter
 from safetensors.torch import load_file
-from test_families import MOE, VOCAB, assert_logits_close, build, ids
+from test_families import MOE, VOCAB, assert_logits_close, assert_mixed_equals_rows_alone, build, ids
 
 from loraforge.errors import LoraForgeError
 from loraforge.lora import (
     LoraConfig,
-    adapter_ids_for,
     add_lora,
     load_adapter,
     merge_adapter,
@@ -171,13 +170,7 @@ def test_mixed_batch_with_expert_adapters_equals_rows_alone(moe):
                                     target_parameters=["mlp.experts.down_proj"]))
     for i, a in enumerate(("a", "b")):
         randomize_adapter(model, a, seed=10 + i)
-    x = ids(3, 10, seed=6)
-    names = ["a", None, "b"]
-    with torch.no_grad():
-        mixed = model(x, adapter_ids=adapter_ids_for(model, names))
-        for row, a in enumerate(names):
-            set_adapter(model, a)
-            torch.testing.assert_close(mixed[row], model(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+    assert_mixed_equals_rows_alone(model, ids(3, 10, seed=6), ["a", None, "b"])
 
 
 def test_qlora_expert_adapter_equals_it_on_the_dequantized_experts(moe, tmp_path):

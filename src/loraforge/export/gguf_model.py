@@ -23,7 +23,7 @@ from ..errors import LoraForgeError
 from ..lora.merge_export import merged_state_dict
 from ..model.gguf_read import llama3_rope_factors
 from ..paths import atomic_file
-from .gguf_names import gguf_arch, name_map, rope_heads, rope_rows, tensor_name
+from .gguf_names import expert_parts, gguf_arch, name_map, rope_heads, rope_rows, tensor_name
 from .gguf_vocab import add_tokenizer
 
 log = logging.getLogger("loraforge")
@@ -89,14 +89,10 @@ def gguf_tensors(model: nn.Module, adapter: str | None) -> tuple[dict[str, torch
 
 def _split_experts(key: str, t: torch.Tensor):
     """Our stacked MoE tensors under the per-kind names llama.cpp's tables know; other tensors as they are."""
-    base = key.removesuffix(".weight")
-    if base.endswith(".mlp.experts.gate_up_proj"):
-        half = t.shape[1] // 2  # [E, 2I, H]: gate rows, then up rows
-        stem = base.removesuffix("gate_up_proj")
-        return [(f"{stem}gate_proj.weight", t[:, :half]), (f"{stem}up_proj.weight", t[:, half:])]
-    if base.endswith(".mlp.experts.down_proj"):
-        return [(f"{base}.weight", t)]
-    return [(key, t)]
+    parts = expert_parts(key)
+    if len(parts) == 2:  # [E, 2I, H]: gate rows, then up rows
+        return list(zip(parts, t.chunk(2, dim=1), strict=True))
+    return [(parts[0], t)]
 
 
 def _encode(t: torch.Tensor, outtype: str):

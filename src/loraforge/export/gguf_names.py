@@ -44,6 +44,19 @@ def tensor_name(names, hf_name: str) -> str:
     return out
 
 
+def expert_parts(key: str) -> list[str]:
+    """The per-kind names llama.cpp's tables know a stacked MoE tensor by: ``...mlp.experts.gate_up_proj`` [E, 2I, H]
+    is two, ``...gate_proj.weight`` (its first I rows per expert) and ``...up_proj.weight``; ``down_proj`` is one;
+    any other key is itself."""
+    base = key.removesuffix(".weight")
+    if base.endswith(".mlp.experts.gate_up_proj"):
+        stem = base.removesuffix("gate_up_proj")
+        return [f"{stem}gate_proj.weight", f"{stem}up_proj.weight"]
+    if base.endswith(".mlp.experts.down_proj"):
+        return [f"{base}.weight"]
+    return [key]
+
+
 def rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the rows of a q or k projection (weight [H*D, in], bias [H*D], or LoRA B [H*D, r]) from
     Hugging Face's half-split rope layout to llama.cpp's interleaved one: within each head, new row 2i is

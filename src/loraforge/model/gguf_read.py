@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import LoraForgeError
-from ..export.gguf_names import GGUF_ARCH, name_map, rope_heads, tensor_name, unrope_rows
+from ..export.gguf_names import GGUF_ARCH, expert_parts, name_map, rope_heads, tensor_name, unrope_rows
+from .config import FAMILIES
 
-# llama.cpp's architecture -> our model_type ("llama" with experts is Mixtral, see _model_type).
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
-                      "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3",
-                      "olmo2": "olmo2"}
+# llama.cpp's architecture -> our model_type: the exporter's table read backwards ("llama" with experts is
+# Mixtral, with a sliding window Mistral: see model_type_of).
+GGUF_ARCHITECTURES = {arch: t for t, arch in GGUF_ARCH.items() if t not in ("mistral", "mixtral")}
 # llama.cpp's sliding-window pattern when a file does not store one: Gemma 2 alternates (even layers local),
 # Gemma 3 has five local layers to each global one.
 _SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
@@ -207,14 +207,10 @@ def _rope_scaling(g: GGUFModel, head_dim: int, theta: float) -> dict[str, Any] |
 
 def llama3_rope_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
     """llama.cpp's ``rope_freqs`` for a llama3 rope scaling: each frequency is divided by its factor."""
-    inv = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv
-    factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old = float(scaling["original_max_position_embeddings"])
-    smooth = (old / wavelen - lo) / (hi - lo)
-    out = 1 / ((1 - smooth) / factor + smooth)
-    out = np.where(wavelen < old / hi, 1.0, out)
-    return np.where(wavelen > old / lo, factor, out)
+    from .rope import llama3_inv_freq
+
+    inv = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return (inv / llama3_inv_freq(inv, scaling)).numpy()
 
 
 def llama3_rope_from_factors(factors: np.ndarray, head_dim: int, theta: float, source: str) -> dict[str, Any]:
@@ -276,7 +272,7 @@ def hf_state_dict(g: GGUFModel, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     used = {"rope_freqs.weight"}
     out: dict[str, torch.Tensor] = {}
     for key, want in expected.items():
-        parts = _expert_parts(key)
+        parts = expert_parts(key)
         arrays = []
         for part in parts:
             name = tensor_name(names, part)
@@ -292,7 +288,7 @@ def hf_state_dict(g: GGUFModel, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         heads = rope_heads(model_type, hp, key)
         if heads is not None:
             t = unrope_rows(t, heads)
-        if GGUF_ARCH[model_type].startswith("gemma") and key.endswith("norm.weight"):
+        if FAMILIES[model_type].get("norm_unit_offset") and key.endswith("norm.weight"):
             t = t - 1.0  # llama.cpp multiplies by the stored weight; Gemma's modules by (1 + w)
         out[key] = t.contiguous()
     extra = sorted(set(g.tensors) - used)
@@ -301,16 +297,6 @@ def hf_state_dict(g: GGUFModel, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise LoraForgeError(f"{g.path}: tensors {shown} have no place in a {model_type} model; loraforge cannot "
                              "load this file without dropping them")
     return out
-
-
-def _expert_parts(key: str) -> list[str]:
-    """The per-kind names export/gguf_model.py writes a stacked expert tensor under (others: the key itself)."""
-    if key.endswith(".mlp.experts.gate_up_proj"):
-        stem = key.removesuffix("gate_up_proj")
-        return [f"{stem}gate_proj.weight", f"{stem}up_proj.weight"]
-    if key.endswith(".mlp.experts.down_proj"):
-        return [f"{key}.weight"]
-    return [key]
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

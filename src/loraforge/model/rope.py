@@ -28,14 +28,20 @@ def inv_freq_and_scale(rope: RopeConfig, head_dim: int, max_position: int) -> tu
     if kind == "linear":
         return (inv_freq / float(factor)).float(), 1.0
     if kind == "llama3":
-        lo, hi = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
-        old_ctx, factor = float(sc["original_max_position_embeddings"]), float(factor)
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_ctx / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
-        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
-        return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).float(), 1.0
+        return llama3_inv_freq(inv_freq, sc).float(), 1.0
     return _yarn(rope, d, max_position)
+
+
+def llama3_inv_freq(inv_freq: Tensor, sc: dict) -> Tensor:
+    """Default inverse frequencies under a llama3 scaling `sc`, in their own dtype (llama.cpp's rope_freqs,
+    written by export/gguf_model.py and read back by gguf_read.py, are inv_freq over this)."""
+    lo, hi = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_ctx, factor = float(sc["original_max_position_embeddings"]), float(sc["factor"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
 def _yarn(rope: RopeConfig, d: int, max_position: int) -> tuple[Tensor, float]:
