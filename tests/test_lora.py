@@ -215,6 +215,65 @@ def test_output_dtype_follows_input(tiny):
     assert layer(x).dtype == torch.bfloat16
 
 
+def _bf16_layer_with_adapters(model, names=("a", "b")):
+    for i, name in enumerate(names):
+        add_lora(model, name, LoraConfig(r=4 + 4 * i, alpha=16))
+        randomize(model, name, i)
+    model.to(torch.bfloat16)
+    return model.get_submodule("model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64, 65, 200])
+def test_bf16_cpu_inference_delta(tiny, tokens):
+    """A 16-bit model on CPU: up to 64 tokens the low-rank products run in fp32 and the sum is rounded once
+    into the 16-bit output (decoding); from 65 tokens on they run in bf16 like the base product."""
+    from loraforge.lora.layer import FP32_DELTA_MAX_TOKENS
+
+    model, _ = tiny
+    layer = _bf16_layer_with_adapters(model)
+    set_adapter(model, "b")
+    x = torch.randn(1, tokens, layer.in_features, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    A, B, s = layer.lora_A["b"], layer.lora_B["b"], layer.scaling["b"]
+    with torch.no_grad():
+        got = layer(x)
+        base = layer.base(x)
+        if tokens <= FP32_DELTA_MAX_TOKENS:
+            want = (base.float() + (x.float() @ A.float().t()) @ (B.float() * s).t()).to(torch.bfloat16)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        else:
+            want = base + ((x @ A.t()) * s) @ B.t()
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        # the 16-bit path, for scale: the fp32 one is never further from the fp32 truth than its rounding
+        truth = base.float() + (x.float() @ A.float().t()) @ (B.float() * s).t()
+        assert (got.float() - truth).abs().max() <= truth.abs().max() * 2 ** -7
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps the 16-bit products
+            torch.testing.assert_close(layer(x), base + ((x @ A.t()) * s) @ B.t(), atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_cpu_mixed_batch_equals_each_row_alone(tiny):
+    """Decoding a mixed batch in bf16 on CPU (fp32 low-rank products, grouped by adapter) gives each row what
+    it gets alone on its active adapter, to one bf16 rounding."""
+    model, _ = tiny
+    layer = _bf16_layer_with_adapters(model, ("a", "b", "c"))
+    rows = ["b", None, "a", "c", "a"]
+    x = torch.randn(len(rows), 1, layer.in_features, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        ids = adapter_ids_for(model, rows)
+        mixed = layer(x, ids)
+        assert torch.equal(layer(x, ids), mixed)  # the cached grouping, reached through the same ids tensor
+        assert torch.equal(layer(x, ids.clone()), mixed)  # and through equal ids
+        for i, name in enumerate(rows):
+            if name is None:
+                alone = layer.base(x[i:i + 1])
+            else:
+                set_adapter(model, name)
+                alone = layer(x[i:i + 1])
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-2, rtol=2 ** -7)
+        # a weight written in place is seen by the next mixed forward, though the ids tensor is the same
+        layer.lora_B["a"].mul_(2)
+        assert not torch.equal(layer(x, ids)[2], mixed[2])
+
+
 def test_trainable_report(tiny):
     model, _ = tiny
     add_lora(model, "a", LoraConfig(r=4, targets=["q_proj"]))

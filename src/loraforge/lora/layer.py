@@ -48,7 +48,9 @@ class LoraLinear(nn.Module):
         # Not a submodule: one registry object is shared by every LoRA layer of the model.
         object.__setattr__(self, "registry", registry)
         self._stack_cache: tuple | None = None
-        self._group_cache: tuple | None = None  # (stack, row adapter ids, plan) of the last mixed batch
+        # (stack, row adapter ids, plan, the ids tensor) of the last mixed batch; a caller that hands every
+        # layer the same ids tensor, step after step, spares each layer reading it (the serve engine does)
+        self._group_cache: tuple | None = None
 
     # -- adapters -----------------------------------------------------------------------------------------
     def add(self, name: str, r: int, scaling: float, dropout: float, init: str = "kaiming") -> None:
@@ -103,6 +105,10 @@ class LoraLinear(nn.Module):
             keep = dropout_mask(x, p) if (p > 0 and self.training) else None  # dropout feeds only the A product
             W = None if _quantized(base) else base.weight
             return lora_linear(x, W, base.bias, A, B, s, keep, p, base.dequantize if W is None else None)
+        if not torch.is_grad_enabled() and _fp32_delta(x, self.base_weight_like()):
+            A, sB = self._stacked_one(name)  # decoding on CPU in 16 bits: the small products in fp32
+            return _add_delta(self.base(x), frozen_linear(frozen_linear(x.to(A.dtype), A, contiguous=False), sB,
+                                                          contiguous=False))
         return _add_delta(self.base(x), self._one(x, name))
 
     def _fusable(self, name: str) -> bool:
@@ -143,7 +149,7 @@ class LoraLinear(nn.Module):
         if plan is None:
             return out
         if plan.single is not None:  # every adapter row on one adapter: two GEMMs, as for the active adapter
-            A, sB = plan.single
+            A, sB = _product_dtype(*plan.single, x.numel() // x.shape[-1], out.dtype)
             h = frozen_linear(x.to(A.dtype), A, contiguous=False)  # [B, S, r_max]
             return _add_delta(out, frozen_linear(h, sB, contiguous=False))
         # Several adapters: batched GEMMs over the groups. For decoding (one token per row) this is 2-3x
@@ -152,8 +158,9 @@ class LoraLinear(nn.Module):
         # 32 vs 64-75 us).
         S = x.shape[1]
         xg = x if plan.idx is None else x[plan.idx]  # [U*m, S, in]
-        h = torch.bmm(xg.reshape(plan.groups, -1, x.shape[-1]).to(plan.At.dtype), plan.At)  # [U, m*S, r_max]
-        y = torch.bmm(h, plan.Bt).reshape(-1, S, plan.Bt.shape[-1])  # [U*m, S, out]
+        At, Bt = _product_dtype(plan.At, plan.Bt, xg.shape[0] // plan.groups * S, out.dtype)
+        h = torch.bmm(xg.reshape(plan.groups, -1, x.shape[-1]).to(At.dtype), At)  # [U, m*S, r_max]
+        y = torch.bmm(h, Bt).reshape(-1, S, Bt.shape[-1])  # [U*m, S, out]
         return _add_delta(out, y if plan.inv is None else y[plan.inv])  # [B, S, out]
 
     def _groups(self, adapter_ids: Tensor, device) -> _Plan | None:
@@ -164,20 +171,33 @@ class LoraLinear(nn.Module):
         spare the device sync that reading them costs.)
         """
         A_all, B_all = self._stacked()  # [N+1, r_max, in], [N+1, out, r_max]; slot N is all zeros (base)
-        stack, key = self._stack_cache, tuple(adapter_ids.tolist())
-        c = self._group_cache
+        stack, c = self._stack_cache, self._group_cache
+        if c is not None and c[0] is stack and c[3] is adapter_ids:  # the same ids tensor as last time
+            return c[2]
+        key = tuple(adapter_ids.tolist())
         if c is not None and c[0] is stack and c[1] == key:
+            self._group_cache = (stack, key, c[2], adapter_ids)
             return c[2]
         names, zero = self.registry.names, A_all.shape[0] - 1
         groups: dict[int, list[int]] = {}
         for row, i in enumerate(key):
             groups.setdefault(zero if i < 0 or names[i] not in self.lora_A else i, []).append(row)
         plan = None if set(groups) == {zero} else _Plan(list(groups.values()), list(groups), A_all, B_all, device)
-        self._group_cache = (stack, key, plan)
+        self._group_cache = (stack, key, plan, adapter_ids)
         return plan
 
+    def _stacked_one(self, name: str) -> tuple[Tensor, Tensor]:
+        """Adapter `name`'s A [r_max, in] and s*B [out, r_max] from the stack (zero-padded, in its dtype)."""
+        A_all, B_all = self._stacked()
+        i = self.registry.names.index(name)
+        return A_all[i], B_all[i]
+
     def _stacked(self) -> tuple[Tensor, Tensor]:
-        """Every adapter's A and s*B, zero-padded to the largest rank and cached until a weight changes."""
+        """Every adapter's A and s*B, zero-padded to the largest rank and cached until a weight changes.
+
+        On CPU a 16-bit model's stacks are fp32 (see _fp32_delta): they serve inference, where the rows
+        are few and the adapters small.
+        """
         names = self.registry.names
         # Checked by every layer on every mixed forward, so kept to a list compare: the same adapter names
         # in the same order, and no weight written in place since (an optimizer step or a copy_ bumps a
@@ -186,9 +206,10 @@ class LoraLinear(nn.Module):
         if c is not None and c[0] == names and [p._version for p in c[3]] == c[4]:
             return c[1], c[2]
         w = self.base_weight_like()
+        dtype = torch.float32 if w.device.type == "cpu" and w.dtype in HALF else w.dtype
         r_max = max((self.lora_A[n].shape[0] for n in names if n in self.lora_A), default=1)
-        A_all = torch.zeros(len(names) + 1, r_max, self.in_features, dtype=w.dtype, device=w.device)
-        B_all = torch.zeros(len(names) + 1, self.out_features, r_max, dtype=w.dtype, device=w.device)
+        A_all = torch.zeros(len(names) + 1, r_max, self.in_features, dtype=dtype, device=w.device)
+        B_all = torch.zeros(len(names) + 1, self.out_features, r_max, dtype=dtype, device=w.device)
         with torch.no_grad():
             for i, n in enumerate(names):
                 if n in self.lora_A:
@@ -204,9 +225,34 @@ class LoraLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters={ranks}"
 
 
+HALF = (torch.bfloat16, torch.float16)
+FP32_DELTA_MAX_TOKENS = 64
+
+
+def _fp32_delta(x: Tensor, w: Tensor) -> bool:
+    """Whether a 16-bit LoRA delta for `x` is cheaper in fp32: on CPU, for a few tokens (decoding).
+
+    A 16-bit GEMM as small as x @ A^T (r = 8-64 columns) costs a fixed ~40 us on CPU (measured on a Xeon
+    with AMX: T = 8 tokens, 576 -> 16 -> 1536: 79 us in bf16 against 36 us in fp32 with the casts); from
+    ~100 tokens on, bf16 wins (T = 512: 154 against 380 us). Autocast recasts the products to 16 bits
+    anyway, so it keeps the 16-bit path.
+    """
+    return (w.dtype in HALF and x.device.type == "cpu" and x.numel() <= FP32_DELTA_MAX_TOKENS * x.shape[-1]
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _product_dtype(A: Tensor, B: Tensor, tokens: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A stack slice's (A, s*B) for a product over `tokens` rows: the fp32 stack of a 16-bit model on CPU
+    as it is for a few tokens, cast to the model's `dtype` for more (see _fp32_delta)."""
+    if A.dtype != dtype and tokens > FP32_DELTA_MAX_TOKENS:
+        return A.to(dtype), B.to(dtype)
+    return A, B
+
+
 def _add_delta(out: Tensor, delta: Tensor) -> Tensor:
-    """out + delta; in place when nothing records gradients (out is then the base's fresh output)."""
-    if out.dtype == delta.dtype and not torch.is_grad_enabled():
+    """out + delta; in place when nothing records gradients (out is then the base's fresh output; an fp32
+    delta is rounded once, into the 16-bit out)."""
+    if not torch.is_grad_enabled():
         return out.add_(delta)
     return out + delta.to(out.dtype)
 

@@ -33,6 +33,7 @@ from ..adapters import adapter_kind, attach_adapter
 from ..errors import LoraForgeError
 from ..generate import SamplingParams, decode_until_stop, encode_prompt, stop_token_ids
 from ..lora import adapter_ids_for, delete_adapter
+from ..lora.model import registry
 from ..lora.registry import check_adapter_name
 from ..prefix.module import prefix_for
 from .cache import SlotCache
@@ -73,6 +74,7 @@ class Engine:
         self._enc_lock = threading.Lock()
         self._enc_tokenizer = None  # the copy, made on first use
         self._max_token_chars = 0
+        self._last_ids: tuple | None = None  # (the rows' adapters and the registry's names, their ids tensor)
 
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
@@ -284,8 +286,13 @@ class Engine:
         self._retire()
 
     def _adapter_ids(self, reqs: list[GenerationRequest]) -> torch.Tensor:
-        # on the CPU whatever the model's device: every LoRA layer reads them as a list (see LoraLinear._groups)
-        return adapter_ids_for(self.model, [r.adapter for r in reqs])
+        # On the CPU whatever the model's device: every LoRA layer reads them as a list (LoraLinear._groups).
+        # The same tensor while the rows' adapters stay the same (most decode steps): the layers then know
+        # their cached grouping holds without reading it. Never written in place.
+        key = ([r.adapter for r in reqs], list(registry(self.model).names))  # names -> indices can change
+        if self._last_ids is None or self._last_ids[0] != key:
+            self._last_ids = (key, adapter_ids_for(self.model, key[0]))
+        return self._last_ids[1]
 
     def _prefill(self, reqs: list[GenerationRequest]) -> torch.Tensor:
         """One forward over the prompts of `reqs` (consecutive slots), right-padded; [n, V] next-token logits.
@@ -305,7 +312,11 @@ class Engine:
     def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest]) -> list[int]:
         """One token per row; -1 for a row whose logits are not finite (its adapter overflowed or holds
         NaN): that request fails alone, instead of its NaN breaking the sampler for the whole batch."""
-        broken = (~torch.isfinite(logits)).any(-1)  # [B]
+        # a row's sum is non-finite iff the row is (or its finite values overflow the sum: then look closer);
+        # a sum costs ~20 us on [8, 49152], isfinite(...).any(-1) ~1 ms
+        broken = ~torch.isfinite(logits.sum(-1, dtype=torch.float32))  # [B]
+        if bool(broken.any()):
+            broken = (~torch.isfinite(logits)).any(-1)
         if bool(broken.any()):
             logits = logits.masked_fill(broken[:, None], 0.0)
         want = [b for b, r in enumerate(reqs) if r.logprobs is not None]
