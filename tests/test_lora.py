@@ -274,6 +274,27 @@ def test_bf16_cpu_mixed_batch_equals_each_row_alone(tiny):
         assert not torch.equal(layer(x, ids)[2], mixed[2])
 
 
+def test_mixed_batch_reads_side_by_side_adapters_without_copying(tiny):
+    """Rows in any order on adapters that sit side by side in the stack: the grouping reads their weights
+    through views of the stack (a server's rows come in arrival order), and the result is each row's own."""
+    model, _ = tiny
+    for i, name in enumerate(["a", "b", "c"]):
+        add_lora(model, name, LoraConfig(r=4, alpha=8))
+        randomize(model, name, i)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    rows = ["c", "a", "b", "a"]
+    x = torch.randn(len(rows), 1, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ids = adapter_ids_for(model, rows)
+        mixed = layer(x, ids)
+        plan = layer._groups(ids, x.device)
+        A_all, _ = layer._stacked()
+        assert plan.At.untyped_storage().data_ptr() == A_all.untyped_storage().data_ptr()
+        for i, name in enumerate(rows):
+            set_adapter(model, name)
+            torch.testing.assert_close(mixed[i:i + 1], layer(x[i:i + 1]), atol=1e-5, rtol=1e-5)
+
+
 def test_trainable_report(tiny):
     model, _ = tiny
     add_lora(model, "a", LoraConfig(r=4, targets=["q_proj"]))

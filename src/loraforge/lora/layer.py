@@ -182,7 +182,10 @@ class LoraLinear(nn.Module):
         groups: dict[int, list[int]] = {}
         for row, i in enumerate(key):
             groups.setdefault(zero if i < 0 or names[i] not in self.lora_A else i, []).append(row)
-        plan = None if set(groups) == {zero} else _Plan(list(groups.values()), list(groups), A_all, B_all, device)
+        # in stack order, whatever order the rows came in: a batch on adapters that sit side by side in the
+        # stack (as a server's usually do) then reads them through views, with no copy of their weights
+        slots = sorted(groups)
+        plan = None if slots == [zero] else _Plan([groups[i] for i in slots], slots, A_all, B_all, device)
         self._group_cache = (stack, key, plan, adapter_ids)
         return plan
 

@@ -7,7 +7,9 @@ a row-major x, reads the weight in its stored order and runs up to 4x faster tha
 previous product of this form) takes a 2x slower MKL path, so x is made row-major first (a [T, in] copy);
 and for a long input (in >= 1024: the MLP's down projection) at 5 <= T <= 11, F.linear's kernel wins
 (1536 -> 576 at T = 8: 239 vs 283 us; 1536 -> 128: 52 vs 66 us; 576 -> 192 is the other way round).
-At T = 1 both are a GEMV. `bench/` and tests/test_model.py::test_frozen_linear_equals_f_linear hold the
+At T = 1 both are a GEMV. A low-rank factor (a side of at most SKINNY_MIN_SIDE: LoRA's A [r, in] and
+B [out, r]) is small enough to sit in cache, and there F.linear is ~2x faster (8 tokens, 576 -> 16 -> 1536:
+60 vs 103 us). `bench/` and tests/test_model.py::test_frozen_linear_equals_f_linear hold the
 check; the reference is F.linear itself.
 """
 
@@ -20,6 +22,7 @@ from torch import Tensor
 from .switch import reference_ops
 
 SKINNY_MAX_TOKENS = 64
+SKINNY_MIN_SIDE = 64
 
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, contiguous: bool = True) -> Tensor:
@@ -37,6 +40,7 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, contigu
         reference_ops()
         or not (1 < T <= SKINNY_MAX_TOKENS and x.device.type == "cpu" and not torch.is_grad_enabled())
         or (in_f >= 1024 and 5 <= T <= 11)
+        or min(out_f, in_f) <= SKINNY_MIN_SIDE
         or torch.is_autocast_enabled("cpu")
         or x.dtype != weight.dtype
     ):
