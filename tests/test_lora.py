@@ -131,7 +131,7 @@ def test_mixed_batch_equals_each_row_alone(tiny):
             else:
                 set_adapter(model, name)
                 alone = model(ids[i:i + 1])
-            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-4, rtol=1e-5)  # fp32 rounding of bmm vs mm
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=3e-4, rtol=1e-5)  # fp32 rounding: bmm vs mm, F.linear
 
 
 def test_mixed_batch_trains_each_rows_adapter(tiny):
