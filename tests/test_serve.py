@@ -372,7 +372,23 @@ def test_cli_serve_in_a_subprocess(tiny_folder, tmp_path):
             client.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "y"}, cast_to=object)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out  # SIGTERM: a graceful shut-down
+
+
+def test_cli_serve_on_a_port_in_use_says_so(tiny_folder):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    try:
+        r = subprocess.run([sys.executable, "-m", "loraforge", "serve", "--model", str(tiny_folder), "--port", str(port),
+                            "--max-batch", "1", "--max-model-len", "16"],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        sock.close()
+    assert r.returncode != 0
+    assert f"could not serve on 127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, r.stderr
 
 
 def test_an_engine_bug_fails_its_batch_with_a_500_and_serving_goes_on(served, monkeypatch):

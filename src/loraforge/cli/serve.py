@@ -35,6 +35,8 @@ def register(p):
 
 
 def run(args) -> int:
+    import signal
+    import threading
     from pathlib import Path
 
     try:
@@ -69,8 +71,25 @@ def run(args) -> int:
             raise LoraForgeError(f"--adapter {name}={path}: {e}") from None
         log.info("adapter %s loaded from %s", name, path)
     limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
-    app = create_app(engine, api_key=args.api_key, adapters_dir=args.adapters_dir, **limit)
+    app = create_app(engine, api_key=args.api_key, adapters_dir=args.adapters_dir, engine_thread=False, **limit)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="loraforge-http", daemon=True)
+
+    def shut_down(_sig, _frame):  # uvicorn on a thread installs no handlers: the first signal stops it
+        if server.should_exit:  # gracefully, as its own would, and a second one stops it at once
+            server.force_exit = True
+        server.should_exit = True
+
     log.info("serving %s with %d adapters on http://%s:%d (API docs at /docs)", engine.base_name,
              len(engine.adapters), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    signal.signal(signal.SIGINT, shut_down)
+    signal.signal(signal.SIGTERM, shut_down)
+    http.start()
+    # The engine loop stays on this thread, the one that loaded the model (serve/runner.py says why);
+    # it runs until the HTTP server has shut down, finishing the requests that were in flight.
+    app.state.runner.run_here(until=http)
+    http.join(timeout=30)
+    if not server.started:
+        raise LoraForgeError(f"could not serve on {args.host}:{args.port} (uvicorn's message is above: "
+                             "is the port already in use?)")
     return 0

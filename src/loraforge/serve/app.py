@@ -143,14 +143,17 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str | Path | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, engine_thread: bool = True) -> FastAPI:
+    """The app. The engine loop runs on a thread of its own from start-up to shut-down; with
+    engine_thread=False the caller runs it, with ``app.state.runner.run_here`` (see runner.py for why)."""
     runner = EngineThread(engine)
     started = int(time.time())
     adapters_root = Path(adapters_dir) if adapters_dir is not None else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        runner.start()
+        if engine_thread:
+            runner.start()
         try:
             yield
         finally:

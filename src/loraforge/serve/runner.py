@@ -1,9 +1,18 @@
-"""The engine loop on one background thread, and the bridge to asyncio.
+"""The engine loop on one thread, and the bridge to asyncio.
 
 The HTTP server's event loop never touches the model: it queues requests with ``submit`` and awaits
 their per-request ``asyncio.Queue``; anything that changes the model (loading or unloading an adapter)
 is handed to the engine thread with ``call`` and runs between two decode steps. Torch releases the GIL
 inside its kernels, so the event loop keeps answering while a step runs.
+
+Which thread: ``start`` runs the loop on a thread of its own (tests, an app embedded in another
+program); ``run_here`` runs it on the calling thread, which is how ``loraforge serve`` runs it: on the
+thread that loaded the model, with uvicorn on another. The difference is OpenMP's. Each thread that
+runs a parallel region gets a team of its own, and once a process holds more OpenMP threads than CPUs,
+libgomp stops letting idle workers spin (GOMP_SPINCOUNT no longer applies): every one of a decode step's
+~200 parallel regions then waits for a sleeping worker to wake. Measured on 2 cores, 8 rows on 8
+adapters, fp32, the model loaded on the main thread: the loop on the main thread 56-60 tok/s at 2.0 CPUs
+busy, on a second thread 34-49 tok/s at 1.2-1.5 CPUs.
 """
 
 from __future__ import annotations
@@ -32,11 +41,22 @@ class EngineThread:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._running_here = False  # run_here's loop is running
 
     def start(self) -> None:
+        """Run the loop on a new thread (returns at once)."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="loraforge-engine", daemon=True)
         self._thread.start()
+
+    def run_here(self, until: threading.Thread) -> None:
+        """Run the loop on the calling thread until `stop` is called or the thread `until` (the HTTP
+        server's) has ended: requests still in flight while that server shuts down are served to the end."""
+        self._running_here = True
+        try:
+            self._loop(until)
+        finally:
+            self._running_here = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -46,7 +66,7 @@ class EngineThread:
             self._thread = None
 
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._running_here or (self._thread is not None and self._thread.is_alive())
 
     # -- called from the event loop -----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
@@ -87,8 +107,8 @@ class EngineThread:
             raise
 
     # -- the engine thread --------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+    def _loop(self, until: threading.Thread | None = None) -> None:
+        while not self._stop.is_set() and (until is None or until.is_alive()):
             self._run_commands()
             self._run_unloads()
             if not self.engine.has_unfinished():
