@@ -156,6 +156,10 @@ def main() -> int:
     return 0
 
 
+SETTLE_S = 1.5  # vLLM's workers keep a CPU busy for ~1 s after a request (0.95 CPUs in the next second, 0.02
+#                after that): each run starts on a quiet machine, not in the previous run's tail
+
+
 def measure(runs, repeats: int, what: str):
     """One warm-up call of each run, then `repeats` rounds, the runs interleaved within each round."""
     print(f"warming up ({what})...", file=sys.stderr)
@@ -166,6 +170,7 @@ def measure(runs, repeats: int, what: str):
     times: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(repeats):
         for k, (_, fn) in runs.items():
+            time.sleep(SETTLE_S)
             dt, _ = timed(fn)
             times[k].append(dt)
         print(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in runs), file=sys.stderr)
