@@ -106,9 +106,8 @@ class LoraLinear(nn.Module):
             W = None if _quantized(base) else base.weight
             return lora_linear(x, W, base.bias, A, B, s, keep, p, base.dequantize if W is None else None)
         if not torch.is_grad_enabled() and _fp32_delta(x, self.base_weight_like()):
-            A, sB = self._stacked_one(name)  # decoding on CPU in 16 bits: the small products in fp32
-            return _add_delta(self.base(x), frozen_linear(frozen_linear(x.to(A.dtype), A, contiguous=False), sB,
-                                                          contiguous=False))
+            # decoding on CPU in 16 bits: the small products in fp32
+            return _add_delta(self.base(x), _low_rank(x, *self._stacked_one(name)))
         return _add_delta(self.base(x), self._one(x, name))
 
     def _fusable(self, name: str) -> bool:
@@ -149,9 +148,7 @@ class LoraLinear(nn.Module):
         if plan is None:
             return out
         if plan.single is not None:  # every adapter row on one adapter: two GEMMs, as for the active adapter
-            A, sB = _product_dtype(*plan.single, x.numel() // x.shape[-1], out.dtype)
-            h = frozen_linear(x.to(A.dtype), A, contiguous=False)  # [B, S, r_max]
-            return _add_delta(out, frozen_linear(h, sB, contiguous=False))
+            return _add_delta(out, _low_rank(x, *_product_dtype(*plan.single, x.numel() // x.shape[-1], out.dtype)))
         # Several adapters: batched GEMMs over the groups. For decoding (one token per row) this is 2-3x
         # faster than one GEMM over all the adapters' A side by side with each row masked to its own columns,
         # which reads the same weights (measured with cold weights, 8 rows on 8 adapters, 576 -> 1536:
@@ -250,6 +247,12 @@ def _product_dtype(A: Tensor, B: Tensor, tokens: int, dtype: torch.dtype) -> tup
     if A.dtype != dtype and tokens > FP32_DELTA_MAX_TOKENS:
         return A.to(dtype), B.to(dtype)
     return A, B
+
+
+def _low_rank(x: Tensor, A: Tensor, sB: Tensor) -> Tensor:
+    """x A^T (sB)^T in A's dtype, for inference: A [r, in] and s*B [out, r] from the stack; the result
+    only feeds _add_delta (see frozen_linear's contiguous=False)."""
+    return frozen_linear(frozen_linear(x.to(A.dtype), A, contiguous=False), sB, contiguous=False)
 
 
 def _add_delta(out: Tensor, delta: Tensor) -> Tensor:
