@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import chat_data
 
+from loraforge.ops.compiled import force_compiled
 from loraforge.train import TrainConfig, train
 
 STEPS = 5
@@ -51,6 +52,19 @@ def test_bf16_base_training_tracks_fp32(tmp_path, data, tiny_folder, method, ckp
     assert bf16[-1] < bf16[0]  # it learns
     tensors = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.float32}  # saved in fp32, as PEFT writes adapters
+
+
+@pytest.mark.parametrize(("method", "ckpt"), [("lora", False), ("lora", True), ("qlora", False), ("prefix", True)],
+                         ids=["lora", "lora-grad-ckpt", "qlora", "prefix-grad-ckpt"])
+def test_compiled_kernels_train_as_the_eager_ops(tmp_path, data, tiny_folder, method, ckpt):
+    """bf16 training with the compiled kernels (ops/compiled.py; forced on for the tiny model's small
+    tensors) follows the eager ops' run: the same masks, the same losses up to bf16 rounding."""
+    with force_compiled(False):
+        eager = run(data, tiny_folder, tmp_path / "eager", method, "bfloat16", ckpt)
+    with force_compiled(True, min_numel=0):
+        fused = run(data, tiny_folder, tmp_path / "compiled", method, "bfloat16", ckpt)
+    for a, b in zip(eager, fused, strict=True):
+        assert abs(a - b) <= 0.01 * abs(a), (eager, fused)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])

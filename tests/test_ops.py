@@ -16,8 +16,15 @@ from conftest import randomize_adapter
 from loraforge import ops
 from loraforge.lora import LoraConfig, add_lora, set_trainable_params
 from loraforge.model.loss import chunked_cross_entropy
+from loraforge.ops.compiled import MIN_NUMEL, Kernel, force_compiled
 
 MODES = ["fp32", "bf16", "autocast"]
+KERNELS = ["eager", "compiled"]  # the ops' own eager code, or their torch.compile kernels (ops/compiled.py)
+
+
+def _kernels(which: str):
+    """The compiled kernels forced on whatever the tensors' size (they start at MIN_NUMEL otherwise), or off."""
+    return force_compiled(which == "compiled", min_numel=0)
 
 
 def _ctx(mode: str):
@@ -58,10 +65,12 @@ def _compare(fused_fn, ref_fn, inputs, mode: str, grad_of=None):
     return y
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("mode", MODES)
-def test_rms_norm(mode):
+def test_rms_norm(mode, kernels):
     x, w = _inputs(mode, (2, 3, 64), (64,))
-    y = _compare(lambda x, w: ops.rms_norm(x, w, 1e-5), lambda x, w: ops.rms_norm_ref(x, w, 1e-5), [x, w], mode)
+    with _kernels(kernels):
+        y = _compare(lambda x, w: ops.rms_norm(x, w, 1e-5), lambda x, w: ops.rms_norm_ref(x, w, 1e-5), [x, w], mode)
     assert y.dtype == x.dtype  # the weight's dtype equals x's in every mode here
 
 
@@ -80,10 +89,75 @@ def test_rope(mode):
              [q, k], mode)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("mode", MODES)
-def test_silu_mul(mode):
+def test_silu_mul(mode, kernels):
     gate, up = _inputs(mode, (4, 6, 32), (4, 6, 32))
-    _compare(ops.silu_mul, ops.silu_mul_ref, [gate, up], mode)
+    with _kernels(kernels):
+        _compare(ops.silu_mul, ops.silu_mul_ref, [gate, up], mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)])
+def test_causal_attention(dtype, heads):
+    """16-bit training on CPU: flash attention's forward and the backward of ops/attention.py, against
+    float64, within the 16-bit resolution and no further from it than PyTorch's flash attention (the
+    reference) is; with grouped query heads and without."""
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(2, h, 40, 16, generator=g) * 2).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    go = torch.randn(2, 40, H, 16, generator=g).to(dtype).transpose(1, 2)  # strided, as o_proj's backward gives it
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = ops.causal_attention_ref(*ref_in)
+    want_grads = torch.autograd.grad(want, ref_in, go.double())
+
+    def err(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    errors = {}
+    for name, kernels in (("fused", "compiled"), ("flash", "eager")):
+        with _kernels(kernels):
+            y = ops.causal_attention(q, k, v)
+            grads = torch.autograd.grad(y, (q, k, v), go)
+        assert (y.grad_fn.name() == "_CausalAttentionBackward") == (name == "fused")
+        assert y.dtype == dtype and all(t.dtype == dtype for t in grads)
+        errors[name] = [err(y, want)] + [err(a, b) for a, b in zip(grads, want_grads, strict=True)]
+    for fused, flash in zip(errors["fused"], errors["flash"], strict=True):
+        assert fused <= max(1.5 * flash, 2**-8), errors
+
+
+def test_causal_attention_keeps_sdpa_where_the_backward_does_not_pay():
+    """fp32 tensors, no gradient recorded, or below the compiled kernels' size: PyTorch's attention itself."""
+    q, k, v = (torch.randn(1, h, 8, 16, requires_grad=True) for h in (4, 2, 2))
+    with force_compiled(True, min_numel=0):
+        assert torch.equal(ops.causal_attention(q, k, v), ops.causal_attention_ref(q, k, v))  # fp32
+        qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
+        with torch.no_grad():
+            assert ops.causal_attention(qb, kb, vb).grad_fn is None
+    assert q.numel() < MIN_NUMEL and ops.causal_attention(*(t.bfloat16() for t in (q, k, v))).grad_fn.name() != (
+        "_CausalAttentionBackward")
+
+
+def test_a_kernel_that_does_not_compile_runs_eagerly(caplog):
+    """No working C++ compiler: one warning naming the kernel, then the plain functions, same results, and
+    the ops stop asking for kernels."""
+    import torch._inductor.config as inductor_config
+
+    shift = 1.0 + torch.rand(()).item()  # a graph no cache holds
+
+    def shifted_square(x):
+        return x * x + shift
+
+    k, other = Kernel(shifted_square), Kernel(lambda x: x + shift)
+    x = torch.randn(100)
+    no_compiler = inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)})
+    with no_compiler, force_compiled(True), caplog.at_level("WARNING", logger="loraforge"):
+        assert ops.compiled.compiled_kernels(x.bfloat16().requires_grad_())
+        assert torch.equal(k(x), x * x + shift)
+        assert torch.equal(k(x), x * x + shift) and torch.equal(other(x), x + shift)
+        assert not ops.compiled.compiled_kernels(x.bfloat16().requires_grad_())
+    warnings = [r.getMessage() for r in caplog.records if "could not build" in r.getMessage()]
+    assert len(warnings) == 1 and "shifted_square" in warnings[0] and "C++ compiler" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -212,7 +286,8 @@ def test_the_switch_runs_references(tiny_folder, monkeypatch, quantize, dropout)
         return loss, torch.autograd.grad(loss, params)
 
     loss, fused = loss_and_grads()
-    names = ("rms_norm_ref", "apply_rope_ref", "silu_mul_ref", "lora_linear_ref", "frozen_head_ce_ref")
+    names = ("rms_norm_ref", "apply_rope_ref", "silu_mul_ref", "lora_linear_ref", "frozen_head_ce_ref",
+             "causal_attention_ref")
     called = set()
     for name in names:
         mod = getattr(ops, name).__module__
@@ -232,21 +307,29 @@ def test_the_switch_runs_references(tiny_folder, monkeypatch, quantize, dropout)
         torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-4)
 
 
-def test_rebuilt_saved_tensors_give_the_same_gradients(tiny):
-    """Training rebuilds norm outputs and the MLP product in backward (RecomputeSaved); a plain run keeps them."""
-    model, _ = tiny
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rebuilt_saved_tensors_give_the_same_gradients(tiny_folder, dtype, kernels):
+    """Training rebuilds norm outputs and the MLP product in backward (RecomputeSaved); a plain run keeps
+    them. The rebuild runs with grad mode off, yet takes the forward's kernels (bf16 with kernels forced on:
+    the compiled ones): the gradients are the same bit for bit."""
+    from loraforge.model import load_model
+
+    model, _ = load_model(str(tiny_folder), device="cpu", dtype=dtype)
     add_lora(model, "a", LoraConfig(r=4, dropout=0.0))
     g = randomize_adapter(model, "a", seed=1)
     params = set_trainable_params(model, "a")
     ids = torch.randint(0, 49152, (2, 10), generator=g)
     model.train()
-    loss = model(ids, labels=ids)  # training: recompute=True inside
-    got = torch.autograd.grad(loss, params)
-    x = model.model.embed_tokens(ids)
-    cos, sin = model.rope(torch.arange(10).expand(2, 10), x.dtype)
-    for layer in model.model.layers:
-        x = layer(x, cos, sin, None, None, None, None, recompute=False)
-    ref = chunked_cross_entropy(model.model.norm(x), model.lm_head, ids)
-    torch.testing.assert_close(loss, ref)
-    for a, b in zip(got, torch.autograd.grad(ref, params), strict=True):
-        torch.testing.assert_close(a, b)
+    with _kernels(kernels):
+        loss = model(ids, labels=ids)  # training: recompute=True inside
+        got = torch.autograd.grad(loss, params)
+        x = model.model.embed_tokens(ids)
+        cos, sin = model.rope(torch.arange(10).expand(2, 10), x.dtype)
+        for layer in model.model.layers:
+            x = layer(x, cos, sin, None, None, None, None, recompute=False)
+        ref = chunked_cross_entropy(model.model.norm(x), model.lm_head, ids)
+        want = torch.autograd.grad(ref, params)
+    assert torch.equal(loss, ref)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import apply_rope
+from ..ops import apply_rope, causal_attention
 from .cache import KVCache
 from .config import ModelConfig
 from .linear import Linear
@@ -76,7 +76,9 @@ class Attention(nn.Module):
         elif prefix is not None:
             pk, pv = prefix  # [B, Hkv, P, D]: learned keys/values, positions before the first token
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
-        if self.softcap is None:
+        if self.softcap is None and mask is None and k.shape[2] == S:
+            y = causal_attention(q, k, v, self.scale)  # [B, H, S, D]
+        elif self.softcap is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and k.shape[2] == S, scale=self.scale,
                 enable_gqa=self.n_kv != self.n_heads,

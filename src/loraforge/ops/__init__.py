@@ -6,6 +6,7 @@ tests/test_ops.py compares every pair, forward and backward, in fp32 and under b
 """
 
 from .act import silu_mul, silu_mul_ref
+from .attention import causal_attention, causal_attention_ref
 from .dropout import dropout_mask, dropout_ref
 from .gemm import SKINNY_MAX_TOKENS, frozen_linear
 from .head_ce import IGNORE_INDEX, frozen_head_ce, frozen_head_ce_ref
@@ -16,7 +17,8 @@ from .rope import apply_rope, apply_rope_ref, rotate_half
 from .switch import compute_dtype, reference_ops, use_reference
 
 __all__ = [
-    "IGNORE_INDEX", "SKINNY_MAX_TOKENS", "RecomputeSaved", "apply_rope", "apply_rope_ref", "compute_dtype",
+    "IGNORE_INDEX", "SKINNY_MAX_TOKENS", "RecomputeSaved", "apply_rope", "apply_rope_ref", "causal_attention",
+    "causal_attention_ref", "compute_dtype",
     "dropout_mask", "dropout_ref",
     "frozen_head_ce", "frozen_head_ce_ref", "frozen_linear", "lora_linear", "lora_linear_ref",
     "reference_ops", "rms_norm", "rms_norm_ref", "rotate_half", "silu_mul", "silu_mul_ref", "use_reference",

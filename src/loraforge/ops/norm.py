@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .compiled import compiled_kernels, kernel
 from .switch import reference_ops
 
 
@@ -19,7 +20,25 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if reference_ops():
         return rms_norm_ref(x, weight, eps)
-    return _RMSNormFn.apply(x, weight, eps)
+    return _RMSNormFn.apply(x, weight, eps, compiled_kernels(x))
+
+
+@kernel
+def _forward_kernel(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(the reference's output, rstd [*, 1] fp32), one pass for the sum of squares and one for the output."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+@kernel
+def _backward_kernel(x: Tensor, weight: Tensor, rstd: Tensor, g: Tensor, want_dw: bool):
+    """(dx, dw or None) as _RMSNormFn.backward computes them."""
+    xhat = x.float() * rstd
+    dw = (g.float() * xhat.to(x.dtype).float()).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype) if want_dw else None
+    gx = g.float() * weight.float()
+    dot = (gx * xhat).sum(-1, keepdim=True) / x.shape[-1]
+    return ((gx - xhat * dot) * rstd).to(x.dtype), dw
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -27,7 +46,12 @@ class _RMSNormFn(torch.autograd.Function):
     [*, H] intermediates, and takes ~4 passes over [*, H] in backward instead of ~8."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, compiled: bool) -> Tensor:
+        ctx.compiled = compiled
+        if compiled:
+            y, rstd = _forward_kernel(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         xf = x.float()
         if x.dtype == torch.float32:  # the reference's own ops: bit for bit equal (tests/test_ops.py)
             y = torch.pow(xf, 2)  # x^2, then overwritten by the output: one [*, H] buffer, not two
@@ -43,6 +67,9 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.compiled:
+            dx, dw = _backward_kernel(x, weight, rstd, g, ctx.needs_input_grad[1])
+            return dx, dw, None, None
         # fp32 copies of 16-bit x and g are scaled in place; fp32 ones (saved, or handed in) must not be
         xhat = x * rstd if x.dtype == torch.float32 else x.float().mul_(rstd)  # [*, H] fp32
         dw = None
@@ -52,4 +79,4 @@ class _RMSNormFn(torch.autograd.Function):
         # d xhat_j / d x_i = rstd (delta_ij - xhat_i xhat_j / H)
         dot = (gx * xhat).sum(-1, keepdim=True).div_(x.shape[-1])  # [*, 1]
         dx = gx.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
-        return dx, dw, None
+        return dx, dw, None, None

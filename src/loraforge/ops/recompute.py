@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .compiled import as_recorded
+
 
 class RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
     """Within the block, autograd saves `value` (and views of it) as a recipe, not as data: `rebuild()`
@@ -18,6 +20,7 @@ class RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, value: Tensor, rebuild):
         ptr, state = value.untyped_storage().data_ptr(), {"pending": 0, "value": None}
+        recording = torch.is_grad_enabled()  # the rebuild runs in backward, grad mode off: same kernels as now
 
         def pack(t: Tensor):
             if t.untyped_storage().data_ptr() != ptr:
@@ -29,7 +32,8 @@ class RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
             if isinstance(p, Tensor):
                 return p
             if state["value"] is None:
-                state["value"] = rebuild()
+                with as_recorded(recording):
+                    state["value"] = rebuild()
             v = state["value"]
             state["pending"] -= 1
             if state["pending"] <= 0:  # the last node that saved it: let the rebuilt tensor go
