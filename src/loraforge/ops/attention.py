@@ -35,8 +35,7 @@ def causal_attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """softmax(scale * q k^T + causal mask) v; q: [B, H, S, D], k/v: [B, Hkv, S, D] with H a multiple of Hkv."""
     if (
-        compiled_kernels(q)
-        and q.dtype in (torch.bfloat16, torch.float16)
+        compiled_kernels(q)  # 16-bit CPU training
         and k.dtype == v.dtype == q.dtype
         and k.shape[2] == q.shape[2]
         and q.shape[1] % k.shape[1] == 0
