@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_adapter
 from safetensors.torch import load_file
 from test_train import chat_data
 
@@ -56,15 +57,39 @@ def test_bf16_base_training_tracks_fp32(tmp_path, data, tiny_folder, method, ckp
 
 @pytest.mark.parametrize(("method", "ckpt"), [("lora", False), ("lora", True), ("qlora", False), ("prefix", True)],
                          ids=["lora", "lora-grad-ckpt", "qlora", "prefix-grad-ckpt"])
-def test_compiled_kernels_train_as_the_eager_ops(tmp_path, data, tiny_folder, method, ckpt):
-    """bf16 training with the compiled kernels (ops/compiled.py; forced on for the tiny model's small
-    tensors) follows the eager ops' run: the same masks, the same losses up to bf16 rounding."""
-    with force_compiled(False):
-        eager = run(data, tiny_folder, tmp_path / "eager", method, "bfloat16", ckpt)
-    with force_compiled(True, min_numel=0):
-        fused = run(data, tiny_folder, tmp_path / "compiled", method, "bfloat16", ckpt)
-    for a, b in zip(eager, fused, strict=True):
-        assert abs(a - b) <= 0.01 * abs(a), (eager, fused)
+def test_compiled_kernels_give_the_eager_ops_gradients(tiny_folder, method, ckpt):
+    """A bf16 training step with the compiled kernels (ops/compiled.py, forced on for the tiny model's small
+    tensors) gives the eager ops' loss and gradients, up to bf16 rounding, with the same dropout masks."""
+    from loraforge import LoraConfig, add_lora, load_model, set_trainable_params
+    from loraforge.prefix import PrefixConfig, add_prefix, prefix_for, prefix_kwargs, set_trainable_prefix
+
+    model, _ = load_model(str(tiny_folder), device="cpu", dtype="bfloat16",
+                          quantize="nf4" if method == "qlora" else None)
+    if method == "prefix":
+        add_prefix(model, "p", PrefixConfig(num_virtual_tokens=4))
+        params = set_trainable_prefix(model, "p")
+    else:
+        add_lora(model, "a", LoraConfig(r=4, alpha=8))  # default dropout 0.05
+        randomize_adapter(model, "a", seed=1)  # B != 0: every projection's gradient flows through the adapter
+        params = set_trainable_params(model, "a")
+    model.gradient_checkpointing = ckpt
+    model.train()
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    kw = prefix_kwargs(prefix_for(model, "p", 2)) if method == "prefix" else {}
+
+    def step(compiled: bool):
+        torch.manual_seed(0)  # the same masks
+        with force_compiled(compiled, min_numel=0):
+            loss = model(ids, labels=ids, **kw)
+            return loss, torch.autograd.grad(loss, params)
+
+    (eager_loss, eager), (loss, grads) = step(False), step(True)
+    assert abs(loss.item() - eager_loss.item()) <= 1e-3 * eager_loss.item()
+    # The two bf16 paths round in different places: gradients measured up to 2.5% apart (of each one's
+    # largest element). A 10% error in one of the SiLU gate's two gradients shows as 13%.
+    for a, b in zip(grads, eager, strict=True):
+        err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+        assert err <= 5e-2, err
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])

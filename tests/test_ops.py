@@ -126,16 +126,25 @@ def test_causal_attention(dtype, heads):
         assert fused <= max(1.5 * flash, 2**-8), errors
 
 
-def test_causal_attention_keeps_sdpa_where_the_backward_does_not_pay():
-    """fp32 tensors, no gradient recorded, or below the compiled kernels' size: PyTorch's attention itself."""
+def test_causal_attention_keeps_sdpa_where_the_backward_does_not_pay(monkeypatch):
+    """Only 16-bit tensors in a pass that records gradients, of the compiled kernels' size, take the
+    batched-product backward; fp32, no_grad and small tensors go to PyTorch's attention itself."""
+    from loraforge.ops.attention import _CausalAttention
+
+    taken, real = [], _CausalAttention.apply
+    monkeypatch.setattr(_CausalAttention, "apply", lambda *a: taken.append(a[0].dtype) or real(*a))
     q, k, v = (torch.randn(1, h, 8, 16, requires_grad=True) for h in (4, 2, 2))
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
     with force_compiled(True, min_numel=0):
         assert torch.equal(ops.causal_attention(q, k, v), ops.causal_attention_ref(q, k, v))  # fp32
-        qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
         with torch.no_grad():
-            assert ops.causal_attention(qb, kb, vb).grad_fn is None
-    assert q.numel() < MIN_NUMEL and ops.causal_attention(*(t.bfloat16() for t in (q, k, v))).grad_fn.name() != (
-        "_CausalAttentionBackward")
+            ops.causal_attention(qb, kb, vb)
+        assert taken == []
+        ops.causal_attention(qb, kb, vb)
+        assert taken == [torch.bfloat16]
+    assert qb.numel() < MIN_NUMEL
+    ops.causal_attention(qb, kb, vb)  # below the size the kernels start at
+    assert taken == [torch.bfloat16]
 
 
 def test_a_kernel_that_does_not_compile_runs_eagerly(caplog):
