@@ -55,23 +55,30 @@ def test_bf16_base_training_tracks_fp32(tmp_path, data, tiny_folder, method, ckp
     assert {t.dtype for t in tensors.values()} == {torch.float32}  # saved in fp32, as PEFT writes adapters
 
 
+def _tiny_trainable(tiny_folder, method: str, dtype: str):
+    """(the tiny model with adapter "a" (LoRA r=4 at the default dropout, on an NF4 base for qlora) or prefix
+    "p", its trainable parameters)."""
+    from loraforge import LoraConfig, add_lora, load_model, set_trainable_params
+    from loraforge.prefix import PrefixConfig, add_prefix, set_trainable_prefix
+
+    model, _ = load_model(str(tiny_folder), device="cpu", dtype=dtype, quantize="nf4" if method == "qlora" else None)
+    if method == "prefix":
+        add_prefix(model, "p", PrefixConfig(num_virtual_tokens=4))
+        return model, set_trainable_prefix(model, "p")
+    add_lora(model, "a", LoraConfig(r=4, alpha=8))  # default dropout 0.05
+    return model, set_trainable_params(model, "a")
+
+
 @pytest.mark.parametrize(("method", "ckpt"), [("lora", False), ("lora", True), ("qlora", False), ("prefix", True)],
                          ids=["lora", "lora-grad-ckpt", "qlora", "prefix-grad-ckpt"])
 def test_compiled_kernels_give_the_eager_ops_gradients(tiny_folder, method, ckpt):
     """A bf16 training step with the compiled kernels (ops/compiled.py, forced on for the tiny model's small
     tensors) gives the eager ops' loss and gradients, up to bf16 rounding, with the same dropout masks."""
-    from loraforge import LoraConfig, add_lora, load_model, set_trainable_params
-    from loraforge.prefix import PrefixConfig, add_prefix, prefix_for, prefix_kwargs, set_trainable_prefix
+    from loraforge.prefix import prefix_for, prefix_kwargs
 
-    model, _ = load_model(str(tiny_folder), device="cpu", dtype="bfloat16",
-                          quantize="nf4" if method == "qlora" else None)
-    if method == "prefix":
-        add_prefix(model, "p", PrefixConfig(num_virtual_tokens=4))
-        params = set_trainable_prefix(model, "p")
-    else:
-        add_lora(model, "a", LoraConfig(r=4, alpha=8))  # default dropout 0.05
+    model, params = _tiny_trainable(tiny_folder, method, "bfloat16")
+    if method != "prefix":
         randomize_adapter(model, "a", seed=1)  # B != 0: every projection's gradient flows through the adapter
-        params = set_trainable_params(model, "a")
     model.gradient_checkpointing = ckpt
     model.train()
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -96,19 +103,11 @@ def test_compiled_kernels_give_the_eager_ops_gradients(tiny_folder, method, ckpt
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "grad-ckpt"])
 def test_training_steps_under_cpu_autocast_track_fp32(tiny_folder, method, ckpt):
     """A user's own loop: fp32 weights, torch.autocast("cpu", bfloat16) around the forward."""
-    from loraforge import LoraConfig, add_lora, load_model, set_trainable_params
-    from loraforge.prefix import PrefixConfig, add_prefix, prefix_for, prefix_kwargs, set_trainable_prefix
+    from loraforge.prefix import prefix_for, prefix_kwargs
 
     def losses(autocast: bool) -> list[float]:
         torch.manual_seed(0)
-        model, _ = load_model(str(tiny_folder), device="cpu", dtype="float32",
-                              quantize="nf4" if method == "qlora" else None)
-        if method == "prefix":
-            add_prefix(model, "p", PrefixConfig(num_virtual_tokens=4))
-            params = set_trainable_prefix(model, "p")
-        else:
-            add_lora(model, "a", LoraConfig(r=4, alpha=8))  # default dropout 0.05
-            params = set_trainable_params(model, "a")
+        model, params = _tiny_trainable(tiny_folder, method, "float32")
         model.gradient_checkpointing = ckpt
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-2)
